@@ -1,0 +1,130 @@
+"""Debiased pseudo-labeling (Wang et al., CVPR 2022) in three small pieces, shape-agnostic.
+
+Shapes: logits ``z`` and probabilities are ``(N, C)`` (classification) or ``(N, C, *spatial)``
+(segmentation, e.g. ``(N, C, D, H, W)``); the class axis is always 1. ``qhat`` and the optional
+reference ``prior`` are ``(C,)`` probability vectors. Masks are boolean ``(N, *spatial)``.
+
+- :class:`ResponseEMA`: q̂ <- m·q̂ + (1-m)·mean(softmax(z_weak)) over unlabeled positions.
+- :func:`debiased_probs`: counterfactual probabilities softmax(z - τ·log q̂).
+- :func:`margin_adjusted_logits`: adaptive-margin logits z + τ·log q̂ for the student's loss.
+
+With a reference ``prior`` π the bias term is log(q̂/π) instead of log q̂: debias only the
+part of the model's response that exceeds the class frequencies of the labeled data. The paper
+assumes a uniform truth (ImageNet); CT voxels are far from uniform, so uniform debiasing can
+over-correct. With π uniform the two agree (log π is a constant that softmax ignores).
+
+All math runs in float32 whatever the autocast dtype: log q̂ of a rare organ is large and
+bf16 would round the margin away.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+EPS = 1e-8  # keeps log q̂ finite for a class the model never predicts
+
+
+def _per_class(vec: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A ``(C,)`` vector viewed as ``(1, C, 1, ..., 1)`` to broadcast against ``like``."""
+    if vec.ndim != 1 or vec.shape[0] != like.shape[1]:
+        raise ValueError(f"expected a ({like.shape[1]},) class vector, got shape {tuple(vec.shape)}")
+    return vec.to(device=like.device, dtype=torch.float32).view(1, -1, *([1] * (like.ndim - 2)))
+
+
+def log_bias(qhat: torch.Tensor, prior: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``log q̂`` or, with a reference prior π, ``log(q̂/π)``; both ``(C,)``, float32."""
+    bias = torch.log(qhat.float().clamp_min(EPS))
+    if prior is not None:
+        bias = bias - torch.log(prior.to(bias.device).float().clamp_min(EPS))
+    return bias
+
+
+def debiased_probs(logits: torch.Tensor, qhat: torch.Tensor, tau: float,
+                   prior: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Counterfactual probabilities ``softmax(z - τ·log(q̂[/π]))`` over axis 1, float32."""
+    return torch.softmax(logits.float() - tau * _per_class(log_bias(qhat, prior), logits), dim=1)
+
+
+def margin_adjusted_logits(logits: torch.Tensor, qhat: torch.Tensor, tau: float,
+                           prior: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Adaptive-margin logits ``z + τ·log(q̂[/π])``, float32, same shape as ``logits``.
+
+    Training on these with cross-entropy makes the loss demand a larger margin for classes
+    the pseudo-labels over-represent (the logit-adjustment loss of Menon et al.).
+    """
+    return logits.float() + tau * _per_class(log_bias(qhat, prior), logits)
+
+
+def pseudo_labels(probs: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hard labels and confidence mask from ``(N, C, *)`` probabilities.
+
+    Returns ``labels`` (long, ``(N, *)``) = argmax over classes, and ``mask`` (bool, ``(N, *)``)
+    = max probability >= ``threshold``.
+    """
+    conf, labels = probs.max(dim=1)
+    return labels, conf >= threshold
+
+
+def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
+                         mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Cross-entropy averaged over *all* positions, masked ones contributing zero (FixMatch).
+
+    ``logits`` ``(N, C, *)``, ``target`` long ``(N, *)``, ``mask`` bool/float ``(N, *)``.
+    Dividing by all positions (not by the kept ones) is what the paper does: the loss shrinks
+    smoothly while few pseudo-labels pass the threshold instead of exploding on one noisy voxel.
+    """
+    loss = F.cross_entropy(logits.float(), target, reduction="none")
+    if mask is not None:
+        loss = loss * mask.to(loss.dtype)
+    return loss.mean()
+
+
+def _flatten_mask(mask: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    if mask.ndim == probs.ndim and mask.shape[1] == 1:
+        mask = mask.squeeze(1)
+    expected = probs.shape[:1] + probs.shape[2:]
+    if tuple(mask.shape) != tuple(expected):
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match probs {tuple(probs.shape)}"
+                         f" without its class axis {tuple(expected)}")
+    return mask.to(torch.bool)
+
+
+class ResponseEMA(nn.Module):
+    """Running mean q̂ of the model's class response on unlabeled data, a ``(C,)`` buffer.
+
+    ``update(probs, mask)`` sets q̂ <- m·q̂ + (1-m)·mean(probs) where the mean is over every
+    non-class position (all samples and voxels), or over the masked positions only. An empty
+    mask leaves q̂ unchanged. Under ``torch.distributed`` sums and counts are all-reduced so every
+    rank holds the same q̂ (every rank must call ``update``: it is a collective). q̂ is a buffer,
+    so it travels with ``state_dict``.
+    """
+
+    def __init__(self, num_classes: int, momentum: float = 0.999):
+        super().__init__()
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        self.num_classes = num_classes
+        self.momentum = momentum
+        self.register_buffer("qhat", torch.full((num_classes,), 1.0 / num_classes))
+
+    @torch.no_grad()
+    def update(self, probs: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Fold a batch ``(N, C, *)`` of probabilities into q̂; returns the new q̂."""
+        if probs.shape[1] != self.num_classes:
+            raise ValueError(f"probs have {probs.shape[1]} classes, q̂ has {self.num_classes}")
+        flat = probs.detach().float().movedim(1, -1).reshape(-1, self.num_classes)
+        if mask is not None:
+            keep = _flatten_mask(mask, probs).reshape(-1)
+            flat = flat[keep]
+        stats = torch.cat([flat.sum(dim=0), flat.new_tensor([flat.shape[0]])])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(stats)
+        count = stats[-1]
+        if count > 0:
+            mean = (stats[:-1] / count).to(self.qhat.device)
+            self.qhat.mul_(self.momentum).add_(mean, alpha=1.0 - self.momentum)
+        return self.qhat
