@@ -43,6 +43,12 @@ def _check_type(key: str, default: Any, value: Any) -> Any:
             raise ConfigError(f"{key}: expected true/false, got {value!r}")
         return value
     if isinstance(default, float):
+        if isinstance(value, str):
+            # PyYAML (YAML 1.1) reads "1e-3" (no dot) as a string; accept it as the number it is.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
