@@ -1,0 +1,419 @@
+"""Preprocessing of raw CT into PREP_DIR (see ``contracts.md``): one grid, one intensity scale.
+
+Per case, in this order (:func:`preprocess_arrays`, shared by prep and predict):
+
+1. **Reorient** to the closest RAS+ axis order (flips/transposes only, no interpolation;
+   ``nibabel.orientations``). An oblique scan keeps its residual rotation in the affine.
+2. **Resample** to ``spacing`` (mm, RAS axis order): separable linear interpolation for the
+   image, nearest neighbour for the label. New size ``n' = round(n · s / s')``; voxel centres
+   follow ``src = (dst + 0.5) · s'/s - 0.5`` (the field of view stays centred, as
+   ``torch``'s ``align_corners=False``), edges replicate. An axis already at the target
+   spacing is copied untouched, so a 3 mm scan prepped at 3 mm is bit-exact.
+3. **Crop to the body**: voxels > ``BODY_HU`` (-500 HU: soft tissue and bone, not air), the
+   largest 6-connected component, its bounding box + ``BODY_MARGIN_MM`` per side. No body
+   found (e.g. MRI intensities) → no crop.
+4. **Clip** HU to ``clip`` and scale linearly to [0, 1] (float32).
+
+The affine written is the true world affine of the final grid; ``original`` (shape, affine,
+spacing of the source), ``resampled_shape`` and ``crop_box`` let :func:`restore_to_original`
+map a prediction back onto the source voxels exactly.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from medseg_dpl.data.io import DataError, read_image, save_nifti, voxel_spacing
+
+DEFAULT_CLIP = (-175.0, 250.0)
+# Target spacings (mm, RAS order), one place. Real Synapse/AMOS scans (0.6-1 mm in-plane,
+# 1.25-5 mm slices) are commonly resampled to ~1.5 x 1.5 x 2 mm for 3D U-Nets: fine enough for
+# the adrenal glands, small enough that a 96^3 patch spans most of the abdomen's width.
+# "nifti"/"dicom" data are of unknown provenance: same choice. Override with --spacing.
+# The phantom (medseg_dpl.data.phantom) is written at coarser spacings; prep it with
+# --spacing matching its own (see tests/conftest.py and the demo) to keep it small.
+DEFAULT_SPACING = {
+    "synapse": (1.5, 1.5, 2.0),
+    "amos": (1.5, 1.5, 2.0),
+    "nifti": (1.5, 1.5, 2.0),
+    "dicom": (1.5, 1.5, 2.0),
+}
+BODY_HU = -500.0
+BODY_MARGIN_MM = 10.0
+PREP_VERSION = 1  # bump when the math changes: cases done by an older version are redone
+
+
+# ----------------------------------------------------------------------------- math
+def reorient_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Flip/transpose ``array`` (X, Y, Z) to the closest RAS+ order; returns (view, new affine)."""
+    from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
+
+    ornt = io_orientation(affine)
+    tf = ornt_transform(ornt, axcodes2ornt("RAS"))
+    if np.array_equal(tf, [[0, 1], [1, 1], [2, 1]]):
+        return array, np.asarray(affine, dtype=np.float64)
+    out = apply_orientation(array, tf)
+    return out, np.asarray(affine, dtype=np.float64) @ inv_ornt_aff(tf, array.shape)
+
+
+def _target_shape(shape: Sequence[int], spacing_in: np.ndarray, spacing_out: np.ndarray):
+    """(new shape, ratio s'/s per axis); ratio exactly 1 where the axis needs no resampling."""
+    new_shape, ratio = [], []
+    for n, s, t in zip(shape, spacing_in, spacing_out):
+        if abs(s - t) <= 1e-6 * t:
+            new_shape.append(int(n))
+            ratio.append(1.0)
+        else:
+            new_shape.append(max(1, int(np.floor(n * s / t + 0.5))))
+            ratio.append(float(t / s))
+    return tuple(new_shape), np.asarray(ratio)
+
+
+def _src_coords(n_out: int, n_in: int, r: float) -> np.ndarray:
+    return np.clip((np.arange(n_out, dtype=np.float64) + 0.5) * r - 0.5, 0.0, n_in - 1.0)
+
+
+def _linear_axis(a: np.ndarray, axis: int, n_out: int, r: float) -> np.ndarray:
+    n_in = a.shape[axis]
+    src = _src_coords(n_out, n_in, r)
+    i0 = np.floor(src).astype(np.intp)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    w = (src - i0).astype(np.float32)
+    shape = [1, 1, 1]
+    shape[axis] = n_out
+    w = w.reshape(shape)
+    lo = np.take(a, i0, axis=axis)
+    hi = np.take(a, i1, axis=axis)
+    hi -= lo          # in place: no temporaries of the output size beyond lo and hi
+    hi *= w
+    hi += lo
+    return hi
+
+
+def _nearest_index(n_out: int, n_in: int, r: float) -> np.ndarray:
+    return np.minimum(np.floor((np.arange(n_out, dtype=np.float64) + 0.5) * r).astype(np.intp), n_in - 1)
+
+
+def resample(array: np.ndarray, affine: np.ndarray, spacing: Sequence[float], order: int
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Resample (X, Y, Z) ``array`` to voxel sizes ``spacing`` (mm, array axis order).
+
+    ``order`` 1: linear, float32 out; 0: nearest, dtype kept. Returns (array, affine).
+    """
+    spacing_in = voxel_spacing(affine)
+    new_shape, ratio = _target_shape(array.shape, spacing_in, np.asarray(spacing, dtype=np.float64))
+    out = array
+    if order == 1:
+        out = out.astype(np.float32, copy=False)
+        # Shrinking axes first keeps the intermediate arrays small.
+        for ax in sorted(range(3), key=lambda k: new_shape[k] / array.shape[k]):
+            if ratio[ax] != 1.0:
+                out = _linear_axis(out, ax, new_shape[ax], ratio[ax])
+    else:
+        idx = [np.arange(n) if r == 1.0 else _nearest_index(n, m, r)
+               for n, m, r in zip(new_shape, array.shape, ratio)]
+        if any(r != 1.0 for r in ratio):
+            out = out[np.ix_(*idx)]
+    step = np.eye(4)
+    step[:3, :3] = np.diag(ratio)
+    step[:3, 3] = 0.5 * ratio - 0.5
+    return np.ascontiguousarray(out), np.asarray(affine, dtype=np.float64) @ step
+
+
+def body_box(hu: np.ndarray, spacing: Sequence[float], threshold: float = BODY_HU,
+             margin_mm: float = BODY_MARGIN_MM) -> list[list[int]]:
+    """[[x0, x1], [y0, y1], [z0, z1]] (half-open) around the largest component above ``threshold``."""
+    from scipy import ndimage
+
+    full = [[0, int(n)] for n in hu.shape]
+    mask = hu > threshold
+    if not mask.any():
+        return full
+    lab, n = ndimage.label(mask)
+    if n == 0:
+        return full
+    sizes = np.bincount(lab.ravel())
+    sizes[0] = 0
+    k = int(np.argmax(sizes))
+    sl = ndimage.find_objects(lab, max_label=k)[k - 1]
+    box = []
+    for ax, s in enumerate(sl):
+        m = int(np.ceil(margin_mm / float(spacing[ax])))
+        box.append([max(0, s.start - m), min(hu.shape[ax], s.stop + m)])
+    return box
+
+
+def preprocess_arrays(image: np.ndarray, affine: np.ndarray, spacing: Sequence[float],
+                      clip: Sequence[float] = DEFAULT_CLIP, label: np.ndarray | None = None):
+    """The prep math on arrays: image (X, Y, Z) HU + its RAS affine -> preprocessed grid.
+
+    Returns ``(image float32 (X', Y', Z') in [0, 1], label uint8 or None, affine, meta)``;
+    ``meta`` holds ``original`` {shape, affine, spacing}, ``resampled_shape``, ``crop_box``,
+    ``shape``, ``spacing`` (the written grid's), ``label_outside_crop`` (labelled voxels lost).
+    """
+    lo, hi = float(clip[0]), float(clip[1])
+    if not hi > lo:
+        raise ValueError(f"clip range must be increasing, got {clip}")
+    affine = np.asarray(affine, dtype=np.float64)
+    meta = {"original": {"shape": [int(s) for s in image.shape], "affine": affine.tolist(),
+                         "spacing": [float(s) for s in voxel_spacing(affine)]}}
+    img, aff_ras = reorient_ras(image, affine)
+    img, aff_res = resample(img, aff_ras, spacing, order=1)
+    resampled_shape = [int(n) for n in img.shape]
+    box = body_box(img, spacing)
+    crop = tuple(slice(a, b) for a, b in box)
+    img = img[crop]
+    np.clip(img, lo, hi, out=img)
+    img -= lo
+    img *= np.float32(1.0 / (hi - lo))
+    aff = aff_res.copy()
+    aff[:3, 3] = aff_res[:3, :3] @ np.array([b[0] for b in box], dtype=np.float64) + aff_res[:3, 3]
+    lab_out = None
+    meta["label_outside_crop"] = 0
+    if label is not None:
+        if label.shape != image.shape:
+            raise DataError(f"label shape {label.shape} differs from image shape {image.shape}")
+        lab = label
+        if lab.dtype != np.uint8:
+            lab = lab.astype(np.uint8)  # values checked to be 0..255 integers beforehand
+        lab, _ = reorient_ras(lab, affine)
+        lab, _ = resample(lab, aff_ras, spacing, order=0)
+        total = int(np.count_nonzero(lab))
+        lab_out = np.ascontiguousarray(lab[crop])
+        meta["label_outside_crop"] = total - int(np.count_nonzero(lab_out))
+    img = np.ascontiguousarray(img)
+    meta.update({"resampled_shape": resampled_shape, "crop_box": box,
+                 "shape": [int(n) for n in img.shape], "affine": aff.tolist(),
+                 "spacing": [float(v) for v in voxel_spacing(aff)]})
+    return img, lab_out, aff, meta
+
+
+def preprocess_image(path_or_dicom_dir, spacing: Sequence[float], clip: Sequence[float] = DEFAULT_CLIP):
+    """Exactly what prep does to an image: NIfTI file or DICOM series folder -> model input.
+
+    Returns ``(image float32 ndarray (X, Y, Z) in [0, 1], affine 4x4 (RAS world of that grid),
+    meta)``; ``meta`` as in :func:`preprocess_arrays` (feed it to :func:`restore_to_original`).
+    """
+    image, affine = read_image(path_or_dicom_dir, dtype=np.float32)
+    img, _, aff, meta = preprocess_arrays(image, affine, spacing, clip)
+    return img, aff, meta
+
+
+def restore_to_original(array: np.ndarray, meta: dict, fill=0) -> np.ndarray:
+    """Map a label map on the preprocessed grid back onto the source image's voxels (nearest).
+
+    ``array`` (X', Y', Z') as written by prep; ``meta`` a case's entry of ``dataset.json`` (or
+    the meta of :func:`preprocess_image`). Source voxels outside the crop box get ``fill``.
+    Returns an array of ``meta["original"]["shape"]`` in the source file's axis order.
+    """
+    array = np.asarray(array)
+    if list(array.shape) != list(meta["shape"]):
+        raise ValueError(f"array shape {array.shape} is not the preprocessed shape {meta['shape']}")
+    box = meta["crop_box"]
+    full = np.full([int(n) + 2 for n in meta["resampled_shape"]], fill, dtype=array.dtype)
+    # One voxel of `fill` on every side: out-of-grid source voxels index into it.
+    full[tuple(slice(a + 1, b + 1) for a, b in box)] = array
+    aff_crop = np.asarray(meta["affine"], dtype=np.float64)
+    aff_res = aff_crop.copy()
+    aff_res[:3, 3] = aff_crop[:3, 3] - aff_crop[:3, :3] @ np.array([b[0] for b in box], dtype=np.float64)
+    orig_aff = np.asarray(meta["original"]["affine"], dtype=np.float64)
+    orig_shape = [int(n) for n in meta["original"]["shape"]]
+    m = np.linalg.solve(aff_res, orig_aff)  # source voxel index -> resampled voxel index
+    lin = m[:3, :3]
+    src_axis_of = np.argmax(np.abs(lin), axis=1)
+    separable = _is_signed_permutation(lin)  # true unless the source is oblique
+    n_res = np.asarray(meta["resampled_shape"])
+    if separable:
+        idx = []
+        for b in range(3):
+            a = int(src_axis_of[b])
+            u = lin[b, a] * np.arange(orig_shape[a]) + m[b, 3]
+            i = np.floor(u + 0.5).astype(np.intp)
+            i = np.where((i < 0) | (i >= n_res[b]), -1, i) + 1   # -1 -> the fill border
+            idx.append(i)
+        out = full[np.ix_(*idx)]                 # axes in resampled order, sizes of source axes
+        order = [int(np.where(src_axis_of == a)[0][0]) for a in range(3)]
+        return np.ascontiguousarray(out.transpose(order))
+    from scipy import ndimage
+
+    grid = np.indices(orig_shape, dtype=np.float64).reshape(3, -1)
+    coords = lin @ grid + m[:3, 3:4] + 1.0
+    out = ndimage.map_coordinates(full, coords, order=0, mode="constant", cval=fill)
+    return out.reshape(orig_shape)
+
+
+def _is_signed_permutation(lin: np.ndarray) -> bool:
+    mask = np.abs(lin) > 1e-6 * np.abs(lin).max()
+    return bool((mask.sum(axis=0) == 1).all() and (mask.sum(axis=1) == 1).all())
+
+
+# ----------------------------------------------------------------------------- dataset
+def _stat(path: Path | None):
+    if path is None:
+        return None
+    st = os.stat(path)
+    return [int(st.st_size), int(st.st_mtime_ns)]
+
+
+def _settings(case, spacing, clip) -> dict:
+    return {"version": PREP_VERSION, "spacing": [float(s) for s in spacing],
+            "clip": [float(c) for c in clip],
+            "source_image": os.path.abspath(case.image), "source_image_stat": _stat(Path(case.image)),
+            "source_label": None if case.label is None else os.path.abspath(case.label),
+            "source_label_stat": _stat(None if case.label is None else Path(case.label))}
+
+
+def _case_done(out: Path, case, settings: dict) -> dict | None:
+    meta_path = out / "meta" / f"{case.id}.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if meta.get("settings") != settings:
+        return None
+    if not (out / meta["image"]).exists() or (meta["label"] and not (out / meta["label"]).exists()):
+        return None
+    return meta
+
+
+def prep_case(case, out: str | os.PathLike, spacing, clip, num_classes: int) -> dict:
+    """Preprocess one case into ``out`` (image, label, meta/<id>.json; each written atomically)."""
+    from medseg_dpl.utils import atomic_path
+
+    out = Path(out)
+    settings = _settings(case, spacing, clip)
+    done = _case_done(out, case, settings)
+    if done is not None:
+        done["skipped"] = True
+        return done
+    image, affine = read_image(case.image, dtype=np.float32)
+    label = None
+    if case.label is not None:
+        label, _ = read_image(case.label)
+    img, lab, aff, meta = preprocess_arrays(image, affine, spacing, clip, label)
+    del image, label
+    rel_img = f"imagesTr/{case.id}.nii.gz"
+    rel_lab = f"labelsTr/{case.id}.nii.gz" if lab is not None else None
+    save_nifti(img, aff, out / rel_img)
+    counts = None
+    if lab is not None:
+        save_nifti(lab, aff, out / rel_lab)
+        counts = np.bincount(lab.ravel(), minlength=num_classes)[:num_classes].astype(int).tolist()
+    entry = {"id": case.id, "image": rel_img, "label": rel_lab, "subset": case.subset,
+             "source_image": settings["source_image"], "source_label": settings["source_label"],
+             **meta, "label_counts": counts, "settings": settings}
+    with atomic_path(out / "meta" / f"{case.id}.json") as tmp:
+        tmp.write_text(json.dumps(entry))
+    entry["skipped"] = False
+    return entry
+
+
+def format_imbalance_table(classes: Sequence[str], counts: dict) -> str:
+    """Per-class voxel counts of the labeled cases, with each organ's share of the foreground."""
+    fg = sum(v for k, v in counts.items() if k != classes[0]) or 1
+    largest = max([v for k, v in counts.items() if k != classes[0]] or [0])
+    width = max(len(c) for c in classes)
+    lines = [f"{'class':<{width}}  {'voxels':>13}  {'% fg':>7}  {'largest/this':>12}"]
+    for c in classes:
+        v = counts.get(c, 0)
+        share = "" if c == classes[0] else f"{100.0 * v / fg:6.2f}%"
+        ratio = "" if c == classes[0] else (f"{largest / v:12.1f}" if v else f"{'absent':>12}")
+        lines.append(f"{c:<{width}}  {v:>13,}  {share:>7}  {ratio:>12}")
+    return "\n".join(lines)
+
+
+def resolve_classes(dataset: str, classes, max_label: int | None) -> list[str]:
+    """Class names: the dataset's own (synapse, amos), given names, or inferred from the labels."""
+    from medseg_dpl.data.labels import DATASET_CLASSES
+
+    if classes is not None:
+        if isinstance(classes, str):
+            if classes in DATASET_CLASSES:
+                return list(DATASET_CLASSES[classes])
+            names = [c.strip() for c in classes.split(",") if c.strip()]
+            return names if names[0] == "background" else ["background"] + names
+        return list(classes)
+    if dataset in DATASET_CLASSES:
+        return list(DATASET_CLASSES[dataset])
+    k = max_label or 0
+    return ["background"] + [f"class_{i}" for i in range(1, k + 1)]
+
+
+def preprocess_dataset(dataset: str, raw, out, spacing: Sequence[float] | None = None,
+                       clip: Sequence[float] = DEFAULT_CLIP, workers: int | None = None,
+                       ct_only: bool = False, labels=None, classes=None,
+                       progress: bool = True, stream=None) -> dict:
+    """Check, then preprocess a raw dataset into ``out`` (PREP_DIR); returns the manifest.
+
+    ``spacing`` defaults to ``DEFAULT_SPACING[dataset]``; ``classes`` (nifti/dicom only): a
+    dataset name, comma-separated names, or a list; default: inferred from the largest label.
+    Raises :class:`medseg_dpl.data.check.CheckError` (listing every problem) before ``out``
+    is created when the raw data are bad. Cases already done with the same settings are
+    skipped. Prints the imbalance table to ``stream`` (default stdout; None-able via progress).
+    """
+    from medseg_dpl.data.check import CheckError, default_workers, make_executor, parallel_map, run_check
+    from medseg_dpl.data.labels import DATASET_CLASSES
+    from medseg_dpl.utils import atomic_path
+
+    stream = sys.stdout if stream is None else stream
+    out = Path(out)
+    spacing = tuple(float(s) for s in (spacing if spacing is not None else DEFAULT_SPACING[dataset]))
+    if len(spacing) != 3 or min(spacing) <= 0:
+        raise ValueError(f"spacing must be 3 positive numbers (mm), got {spacing}")
+    clip = (float(clip[0]), float(clip[1]))
+    if not clip[1] > clip[0]:
+        raise ValueError(f"clip must be LO < HI, got {clip}")
+    if dataset in DATASET_CLASSES and classes is not None:
+        raise ValueError(f"{dataset} has fixed classes; --classes is for nifti/dicom")
+    workers = default_workers() if workers is None else max(1, int(workers))
+    n_classes_hint = len(resolve_classes(dataset, classes, None)) if classes is not None else None
+    t0 = time.perf_counter()
+    executor = make_executor(workers) if workers > 1 else None
+    try:
+        cases, problems, infos = run_check(dataset, raw, labels, ct_only, n_classes_hint, workers,
+                                           progress, executor)
+        if not cases and not problems:
+            problems = [f"{raw}: no cases found"]
+        if problems:
+            raise CheckError(problems)
+        max_label = max([i["max_label"] for i in infos if i["max_label"] is not None] or [0])
+        names = resolve_classes(dataset, classes, max_label)
+        out.mkdir(parents=True, exist_ok=True)
+        entries = parallel_map(partial(prep_case, out=out, spacing=spacing, clip=clip,
+                                       num_classes=len(names)),
+                               cases, workers, desc="prep", progress=progress, executor=executor)
+    finally:
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
+    totals = np.zeros(len(names), dtype=np.int64)
+    case_list = []
+    for e in entries:
+        if e["label_counts"] is not None:
+            totals += np.asarray(e["label_counts"], dtype=np.int64)
+        case_list.append({k: e[k] for k in (
+            "id", "image", "label", "subset", "source_image", "source_label", "original",
+            "resampled_shape", "crop_box", "shape", "affine", "spacing", "label_outside_crop")})
+    manifest = {"dataset": dataset, "classes": names, "spacing": list(spacing), "orientation": "RAS",
+                "intensity": {"clip": list(clip)},
+                "label_counts": {n: int(v) for n, v in zip(names, totals)},
+                "cases": case_list}
+    with atomic_path(out / "dataset.json") as tmp:
+        tmp.write_text(json.dumps(manifest, indent=1))
+    n_skip = sum(bool(e.get("skipped")) for e in entries)
+    n_lab = sum(e["label"] is not None for e in entries)
+    print(f"prepped {len(entries) - n_skip} case(s), skipped {n_skip} already done, into {out} "
+          f"({time.perf_counter() - t0:.1f} s); spacing {list(spacing)} mm, clip {list(clip)} HU",
+          file=stream)
+    lost = [(e["id"], e["label_outside_crop"]) for e in entries if e.get("label_outside_crop")]
+    for cid, n in lost:
+        print(f"warning: case {cid}: {n} labelled voxels fell outside the body crop", file=stream)
+    print(f"class voxel counts over {n_lab} labeled case(s) (after prep):", file=stream)
+    print(format_imbalance_table(names, manifest["label_counts"]), file=stream)
+    return manifest
