@@ -1,0 +1,71 @@
+"""The one schema of ``medseg-dpl train``: every key a config file or an override may set.
+
+``load_config(path, overrides, SEG_DEFAULTS)`` validates against it (unknown keys and wrong
+types are errors naming the key).
+"""
+from __future__ import annotations
+
+import copy
+
+from medseg_dpl.models import MODEL_DEFAULTS
+
+SEG_DEFAULTS = {
+    "data": {
+        "root": "",                   # PREP_DIR (dataset.json, imagesTr/, labelsTr/, splits/)
+        "labeled_split": "labeled_20p",
+        "unlabeled_split": "unlabeled_20p",
+        "eval_split": "eval",
+        "patch_size": [64, 128, 128],
+        "num_samples": 1,             # crops per volume per step
+        "cache": True,
+        "num_workers": 0,             # loader worker processes (0: in the main process)
+    },
+    "model": copy.deepcopy(MODEL_DEFAULTS),
+    "method": {
+        "name": "debiaspl",           # supervised | fixmatch | debiaspl | cps_depl
+        "threshold": 0.9,             # confidence threshold of the pseudo-labels
+        "lambda_u": 1.0,              # weight of the unsupervised loss after ramp-up
+        "rampup_steps": 0,            # sigmoid ramp-up of lambda_u (0: none)
+    },
+    "debias": {
+        "tau": 1.0,                   # strength of the debiasing (0 = FixMatch)
+        "momentum": 0.999,            # of the response EMA q̂
+        "masked": False,              # q̂ over confident voxels only
+        "reference": "labeled_prior", # labeled_prior (log q̂/π) | uniform (the paper: log q̂)
+        "include_background": True,   # False: background's bias term is 0 (only organs debiased)
+    },
+    "optim": {
+        "name": "sgd",                # sgd | adamw
+        "lr": 0.01,
+        "momentum": 0.9,
+        "nesterov": True,
+        "weight_decay": 3e-5,
+        "poly_power": 0.9,            # lr = lr0 · (1 - step/steps)^power
+        "warmup_steps": 0,
+        "grad_clip": 12.0,            # max global grad norm (0: off)
+    },
+    "train": {
+        "steps": 1000,
+        "batch_size": 2,              # labeled volumes per step (per rank)
+        "unlabeled_batch_size": 2,    # unlabeled volumes per step (per rank)
+        "seed": 0,
+        "amp": "bf16",                # bf16 | fp16 | none; CUDA only, CPU runs full precision
+        "compile": False,             # torch.compile the student(s)
+        "ema_momentum": 0.99,         # EMA teacher
+        "checkpoint_every": 100,
+        "val_every": 100,
+        "log_every": 10,
+        "device": "auto",             # auto | cpu | cuda
+        "deterministic": False,       # torch.use_deterministic_algorithms (exact CPU resume)
+        "progress": True,
+    },
+    "eval": {
+        "overlap": 0.5,
+        "sw_batch_size": 2,
+        "max_cases": 0,               # 0: every eval case
+    },
+    "teacher": {
+        "predictions": "",            # DIR of NIfTI predictions (<id>.nii.gz) of an external model
+        "smoothing": 0.1,             # label maps -> (1-s)·one-hot + s/C probabilities
+    },
+}

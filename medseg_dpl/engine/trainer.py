@@ -1,0 +1,490 @@
+"""The one trainer of ``medseg-dpl train``: every method, CPU or CUDA, one process or torchrun DDP.
+
+Iteration-based: step k's batch comes from ``StepBatches[k]`` (randomness a function of
+(seed, k, rank)), the global RNGs are re-seeded from (seed, k, rank) before the step, so
+``resume`` from a checkpoint at step k continues exactly as the uninterrupted run would.
+
+Per step: poly LR -> autocast (bf16, or fp16 with GradScaler, on CUDA; off on CPU, same code)
+-> ``algorithm.train_step`` -> finite-loss check -> backward, clip, step -> EMA teacher update.
+Periodically: validation of the inference network (EMA teacher, or student) on whole eval
+volumes with sliding windows and per-organ Dice, best-model selection, atomic checkpoints,
+TensorBoard + ``train.log``. At the end: ``pseudo_labels.json`` (see :func:`pseudo_label_report`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Optional
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from medseg_dpl.config import save_config
+from medseg_dpl.core.debias import pseudo_labels
+from medseg_dpl.core.ema import ModelEMA, unwrap
+from medseg_dpl.engine.data import StepBatches, TeacherVolumes, seed_all, step_loader, step_seed
+from medseg_dpl.methods import get_method
+from medseg_dpl.models import build_model
+from medseg_dpl.utils import atomic_path
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot start or continue (bad data, non-finite loss, nothing to resume)."""
+
+
+# ----------------------------------------------------------------------------- environment
+def _dist_setup(device: torch.device) -> tuple[int, int]:
+    """(rank, world); initialises the process group under torchrun (NCCL on CUDA, else gloo)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _device(cfg: dict) -> torch.device:
+    want = cfg["train"]["device"]
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want == "cuda":
+        if not torch.cuda.is_available():
+            raise TrainingError("train.device=cuda but CUDA is not available")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _logger(out_dir: Path, rank: int) -> logging.Logger:
+    log = logging.getLogger(f"medseg_dpl.train.{out_dir.resolve()}")
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    for h in list(log.handlers):
+        log.removeHandler(h)
+        h.close()
+    if rank == 0:
+        h = logging.FileHandler(out_dir / "train.log")
+        h.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        log.addHandler(h)
+    else:
+        log.addHandler(logging.NullHandler())
+    return log
+
+
+# ----------------------------------------------------------------------------- data
+def labeled_prior(prep_dir: Path, manifest: dict, ids: list[str], num_classes: int) -> torch.Tensor:
+    """π ``(C,)``: class frequencies of the voxels of the labeled training cases."""
+    cases = {c["id"]: c for c in manifest["cases"]}
+    counts = np.zeros(num_classes, dtype=np.float64)
+    for i in ids:
+        if not cases[i].get("label"):
+            raise TrainingError(f"{prep_dir / 'dataset.json'}: labeled case {i} has no label")
+        lab = np.asanyarray(nib.load(str(prep_dir / cases[i]["label"])).dataobj).astype(np.int64)
+        counts += np.bincount(lab.reshape(-1), minlength=num_classes)[:num_classes]
+    return torch.from_numpy(counts / counts.sum()).float()
+
+
+def _load_data_api():
+    try:
+        from medseg_dpl.data import load_manifest, read_split
+        from medseg_dpl.data.pipelines import build_dataset
+    except ImportError as exc:  # the data package is another part of the project
+        raise TrainingError(f"the data pipelines are not available: {exc}") from exc
+    return load_manifest, read_split, build_dataset
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            v = v.as_tensor() if hasattr(v, "as_tensor") else v
+            out[k] = v.to(device, non_blocking=True)
+    return out
+
+
+# ----------------------------------------------------------------------------- state
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                       "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+             "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _plain(x):
+    """numpy scalars -> python numbers (checkpoints must load with weights_only=True)."""
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, np.generic):
+        return x.item()
+    return x
+
+
+def poly_lr(base: float, step: int, steps: int, power: float, warmup: int = 0) -> float:
+    if warmup and step < warmup:
+        return base * (step + 1) / warmup
+    return base * (1.0 - min(step, steps - 1) / steps) ** power
+
+
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def _predict_probs(net: nn.Module, image: torch.Tensor, cfg: dict, device: torch.device) -> torch.Tensor:
+    from medseg_dpl.evaluation.inference import sliding_window_predict
+    was = net.training
+    net.eval()
+    try:
+        return sliding_window_predict(net, image[None].to(device), cfg["data"]["patch_size"],
+                                      overlap=cfg["eval"]["overlap"],
+                                      sw_batch_size=cfg["eval"]["sw_batch_size"],
+                                      amp=cfg["train"]["amp"] != "none")[0]
+    finally:
+        net.train(was)
+
+
+def validate(net: nn.Module, dataset, cfg: dict, num_classes: int, device: torch.device) -> np.ndarray:
+    """Per-organ Dice ``(C-1,)`` averaged over the eval cases (NaN: organ absent everywhere)."""
+    from medseg_dpl.evaluation.metrics import dice_per_class
+    rows = []
+    for i in range(len(dataset)):
+        item = dataset[i]
+        pred = _predict_probs(net, item["image"].as_tensor() if hasattr(item["image"], "as_tensor")
+                              else item["image"], cfg, device).argmax(0).cpu().numpy()
+        rows.append(dice_per_class(pred, np.asarray(item["label"][0]).astype(np.int64), num_classes))
+    with np.errstate(all="ignore"):
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return np.nanmean(np.stack(rows), axis=0)
+
+
+@torch.no_grad()
+def pseudo_label_report(algo, net: nn.Module, dataset, cfg: dict, classes: list[str],
+                        prior: torch.Tensor, device: torch.device) -> dict:
+    """Class distribution of the final model's pseudo-labels over whole unlabeled volumes.
+
+    ``dataset`` items: ``image`` ``(1, X, Y, Z)`` (and ``label`` when known). Pseudo-labels are
+    the method's own (``algo.pseudo_label_probs``: debiased for debiaspl/cps_depl, plain softmax
+    for fixmatch) thresholded at ``method.threshold``; for ``supervised`` every argmax voxel.
+    """
+    C = len(classes)
+    thr = 0.0 if algo.name == "supervised" else cfg["method"]["threshold"]
+    pl_counts, true_counts = torch.zeros(C, dtype=torch.float64), torch.zeros(C, dtype=torch.float64)
+    correct = kept = total = 0
+    has_truth = True
+    algo.eval()
+    for i in range(len(dataset)):
+        item = dataset[i]
+        image = item["image"].as_tensor() if hasattr(item["image"], "as_tensor") else item["image"]
+        probs = _predict_probs(net, image, cfg, device)[None]
+        probs = algo.pseudo_label_probs(torch.log(probs.clamp_min(1e-12)))  # log p = z + const
+        labels, mask = pseudo_labels(probs, thr)
+        labels, mask = labels[0].cpu(), mask[0].cpu()
+        pl_counts += torch.bincount(labels[mask], minlength=C).double()
+        kept += int(mask.sum())
+        total += mask.numel()
+        if item.get("label") is not None:
+            truth = torch.as_tensor(np.asarray(item["label"][0])).long()
+            true_counts += torch.bincount(truth.reshape(-1), minlength=C).double()
+            correct += int((labels[mask] == truth[mask]).sum())
+        else:
+            has_truth = False
+    algo.train()
+
+    def share(c):
+        return [float(v) for v in (c / c.sum().clamp_min(1))]
+
+    def organ_share(c):
+        c = c[1:]
+        return [float(v) for v in (c / c.sum().clamp_min(1))]
+
+    report = {"method": algo.name, "classes": list(classes), "threshold": thr,
+              "num_cases": len(dataset), "confident_fraction": kept / max(total, 1),
+              "labeled_share": share(prior.double()), "pseudo_label_share": share(pl_counts),
+              "true_share": share(true_counts) if has_truth else None,
+              "pseudo_label_accuracy": correct / max(kept, 1) if has_truth else None,
+              "organ_share": {"labeled": organ_share(prior.double()),
+                              "pseudo_label": organ_share(pl_counts),
+                              "true": organ_share(true_counts) if has_truth else None}}
+    if hasattr(algo, "qhat"):
+        report["qhat"] = [float(v) for v in algo.qhat]
+    return report
+
+
+# ----------------------------------------------------------------------------- the run
+def train(cfg: dict, out_dir, resume: bool = False) -> dict:
+    """Train as ``cfg`` says (a config merged with ``SEG_DEFAULTS``), writing ``out_dir``.
+
+    Returns the final metrics: ``{"step", "best_metric", "best_step", "final_dice_mean",
+    "final_dice": {organ: dice}, "pseudo_labels": path}``. Raises :class:`TrainingError`.
+    """
+    out_dir = Path(out_dir)
+    t, d, m = cfg["train"], cfg["data"], cfg["method"]
+    device = _device(cfg)
+    rank, world = _dist_setup(device)
+    if t["deterministic"]:
+        torch.use_deterministic_algorithms(True)
+    if rank == 0:
+        (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        with atomic_path(out_dir / "config.yaml") as tmp:
+            save_config(cfg, tmp)
+    _barrier()
+    log = _logger(out_dir, rank)
+    writer = None
+    if rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(str(out_dir / "tb"))
+
+    # data ---------------------------------------------------------------------------------
+    load_manifest, read_split, build_dataset = _load_data_api()
+    root = Path(d["root"])
+    if not (root / "dataset.json").is_file():
+        raise TrainingError(f"data.root: {root / 'dataset.json'} does not exist (run medseg-dpl prep)")
+    manifest = load_manifest(root)
+    classes = list(manifest["classes"])
+    C = len(classes)
+    labeled_ids = read_split(root, d["labeled_split"])
+    eval_ids = read_split(root, d["eval_split"])
+    if cfg["eval"]["max_cases"]:
+        eval_ids = eval_ids[: cfg["eval"]["max_cases"]]
+    method_cls = get_method(m["name"])
+    unlabeled_ids = read_split(root, d["unlabeled_split"]) if method_cls.uses_unlabeled else []
+    prior = labeled_prior(root, manifest, labeled_ids, C)
+    patch = list(d["patch_size"])
+    sources = {"labeled": (build_dataset(root, labeled_ids, "labeled", patch, C, d["num_samples"], d["cache"]),
+                           labeled_ids, t["batch_size"])}
+    if unlabeled_ids:
+        sources["unlabeled"] = (build_dataset(root, unlabeled_ids, "unlabeled", patch, C,
+                                              d["num_samples"], d["cache"]),
+                                unlabeled_ids, t["unlabeled_batch_size"])
+    teacher_vols = None
+    if cfg["teacher"]["predictions"]:
+        if not unlabeled_ids:
+            raise TrainingError("teacher.predictions needs a semi-supervised method.name")
+        teacher_vols = TeacherVolumes(cfg["teacher"]["predictions"], str(root), manifest, C,
+                                      cfg["teacher"]["smoothing"])
+        teacher_vols.check(unlabeled_ids)
+    eval_ds = build_dataset(root, eval_ids, "eval", patch, C, 1, d["cache"]) if rank == 0 else None
+
+    # model, method, optimiser -------------------------------------------------------------
+    seed_all(t["seed"])
+    student = build_model(cfg["model"], 1, C)
+    extra = {}
+    if m["name"] == "cps_depl":
+        seed_all(t["seed"] + 1)  # the second network differs by its initialisation
+        extra["student2"] = build_model(cfg["model"], 1, C)
+    algo = method_cls(student, cfg, C, prior, **extra)
+    teacher = None
+    if algo.uses_teacher:
+        teacher = ModelEMA(student, momentum=t["ema_momentum"])
+        algo.attach_teacher(teacher)
+    algo.to(device)
+    for name, net in algo.trained_networks().items():
+        if world > 1:
+            net = nn.parallel.DistributedDataParallel(
+                net, device_ids=[device.index] if device.type == "cuda" else None)
+        if t["compile"]:
+            net = torch.compile(net)
+        setattr(algo, name, net)
+    params = [p for net in algo.trained_networks().values() for p in net.parameters()]
+    o = cfg["optim"]
+    if o["name"] == "sgd":
+        optimizer = torch.optim.SGD(params, lr=o["lr"], momentum=o["momentum"], nesterov=o["nesterov"],
+                                    weight_decay=o["weight_decay"])
+    elif o["name"] == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=o["lr"], weight_decay=o["weight_decay"])
+    else:
+        raise TrainingError(f"optim.name: expected sgd or adamw, got {o['name']!r}")
+    use_amp = device.type == "cuda" and t["amp"] != "none"
+    amp_dtype = torch.float16 if t["amp"] == "fp16" else torch.bfloat16
+    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and t["amp"] == "fp16")
+
+    start, best, best_step = 0, -math.inf, -1
+    ckpt_dir = out_dir / "checkpoints"
+    if resume:
+        path = ckpt_dir / "last.pt"
+        if not path.is_file():
+            raise TrainingError(f"--resume: {path} does not exist")
+        ck = torch.load(path, map_location=device, weights_only=True)
+        for name, net in algo.trained_networks().items():
+            unwrap(net).load_state_dict(ck[name])
+        if teacher is not None:
+            teacher.module.load_state_dict(ck["teacher"])
+        optimizer.load_state_dict(ck["optimizer"])
+        scaler.load_state_dict(ck["scaler"])
+        algo.load_method_state(ck["method"])
+        _set_rng_state(ck["rng"])
+        start, best, best_step = ck["step"], ck["best_metric"], ck.get("best_step", -1)
+        log.info(f"resumed from {path} at step {start}")
+
+    dataset_info = {"classes": classes, "spacing": list(manifest.get("spacing", [])),
+                    "orientation": manifest.get("orientation", "RAS"),
+                    "intensity": manifest.get("intensity", {})}
+
+    def save(step: int, name: str) -> None:
+        ck = {"step": step, "config": cfg,
+              "model": unwrap(algo.inference_network()).state_dict(),
+              "teacher": teacher.module.state_dict() if teacher is not None else None,
+              "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+              "method": algo.method_state(), "rng": _rng_state(), "dataset": dataset_info,
+              "best_metric": float(best), "best_step": best_step}
+        for k, net in algo.trained_networks().items():
+            ck[k] = unwrap(net).state_dict()
+        with atomic_path(ckpt_dir / f"{name}.pt") as tmp:
+            torch.save(_plain(ck), tmp)
+
+    organs = classes[1:]
+    if rank == 0 and start == 0:
+        log.info(f"method {m['name']} on {root}: {len(labeled_ids)} labeled, {len(unlabeled_ids)} "
+                 f"unlabeled, {len(eval_ids)} eval cases; {world} process(es) on {device}")
+        log.info("labeled class share pi: " + ", ".join(f"{c}={v:.4f}" for c, v in zip(classes, prior.tolist())))
+        for c, v in zip(classes, prior.tolist()):
+            writer.add_scalar(f"labeled_share/{c}", v, 0)
+
+    batches = StepBatches({k: v for k, v in sources.items()}, t["seed"], rank, world, teacher_vols, patch)
+    loader = step_loader(batches, start, t["steps"], d["num_workers"])
+    bar = tqdm(total=t["steps"], initial=start, disable=rank != 0 or not t["progress"],
+               desc=f"train {m['name']}", dynamic_ncols=True)
+    acc: dict[str, list] = {}
+    last_dice = None
+    tic = time.perf_counter()
+    algo.train()
+    for step, raw in zip(range(start, t["steps"]), loader):
+        batch = {}
+        for part in raw.values():
+            batch.update(_to_device(part, device))
+        lr = poly_lr(o["lr"], step, t["steps"], o["poly_power"], o["warmup_steps"])
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        seed_all(step_seed(t["seed"], step, rank, 999))  # dropout etc.: a function of the step
+        with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
+            loss, logs = algo.train_step(batch, step)
+        finite = torch.isfinite(loss.detach()).float()
+        if world > 1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if finite.item() < 1:
+            msg = (f"non-finite loss ({loss.item()}) at step {step}: stopping; the last good "
+                   f"checkpoint ({ckpt_dir / 'last.pt'}) is kept")
+            log.error(msg)
+            bar.close()
+            if writer:
+                writer.close()
+            raise TrainingError(msg)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if o["grad_clip"] > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, o["grad_clip"])
+        scaler.step(optimizer)
+        scaler.update()
+        if teacher is not None:
+            teacher.update(algo.student)
+        done = step + 1
+        bar.update(1)
+
+        acc.setdefault("loss/total", []).append(float(loss.detach()))
+        for k, v in logs.items():
+            acc.setdefault(k, []).append(v.detach().float().cpu() if isinstance(v, torch.Tensor) else float(v))
+        if rank == 0 and (done % t["log_every"] == 0 or done == t["steps"]):
+            scalars = {k: float(np.mean([float(x) for x in v])) for k, v in acc.items()
+                       if not (isinstance(v[0], torch.Tensor) and v[0].ndim)}
+            scalars["lr"] = lr
+            scalars["sec_per_step"] = (time.perf_counter() - tic) / len(acc["loss/total"])
+            for k, v in scalars.items():
+                writer.add_scalar(k, v, done)
+            line = f"step {done}/{t['steps']} " + " ".join(f"{k}={v:.4g}" for k, v in scalars.items())
+            for k in ("qhat", "pl_share"):
+                if k in acc:
+                    vec = torch.stack(acc[k]).mean(0) if k == "pl_share" else acc[k][-1]
+                    for c, v in zip(classes, vec.tolist()):
+                        writer.add_scalar(f"{k}/{c}", v, done)
+                    line += f" {k}=[" + " ".join(f"{v:.3f}" for v in vec.tolist()) + "]"
+            log.info(line)
+            bar.set_postfix(loss=f"{scalars['loss/total']:.3f}")
+            acc, tic = {}, time.perf_counter()
+        elif rank != 0 and done % t["log_every"] == 0:
+            acc = {}
+
+        is_last = done == t["steps"]
+        if done % t["val_every"] == 0 or is_last:
+            if rank == 0:
+                dice = validate(unwrap(algo.inference_network()), eval_ds, cfg, C, device)
+                last_dice = dice
+                mean = float(np.nanmean(dice)) if np.isfinite(dice).any() else 0.0
+                for c, v in zip(organs, dice.tolist()):
+                    writer.add_scalar(f"val_dice/{c}", v, done)
+                writer.add_scalar("val_dice/mean", mean, done)
+                log.info(f"validation step {done}: mean Dice {mean:.4f} | " +
+                         " ".join(f"{c}={v:.3f}" for c, v in zip(organs, dice.tolist())))
+                if mean > best:
+                    best, best_step = mean, done
+                    save(done, "best")
+                    log.info(f"new best {best:.4f} at step {done}")
+            _barrier()
+        if rank == 0 and (done % t["checkpoint_every"] == 0 or is_last):
+            save(done, "last")
+        _barrier()
+    bar.close()
+
+    result = {"step": t["steps"], "best_metric": float(best), "best_step": best_step}
+    if rank == 0:
+        if last_dice is None:  # resumed at the end: evaluate the final weights once
+            last_dice = validate(unwrap(algo.inference_network()), eval_ds, cfg, C, device)
+        result["final_dice"] = {c: float(v) for c, v in zip(organs, last_dice.tolist())}
+        result["final_dice_mean"] = float(np.nanmean(last_dice)) if np.isfinite(last_dice).any() else 0.0
+        report_ids = unlabeled_ids or read_split(root, d["unlabeled_split"])
+        report_ds = _report_dataset(root, manifest, report_ids, build_dataset, patch, C)
+        report = pseudo_label_report(algo, unwrap(algo.inference_network()), report_ds, cfg, classes, prior, device)
+        with atomic_path(out_dir / "pseudo_labels.json") as tmp:
+            tmp.write_text(json.dumps(report, indent=1))
+        result["pseudo_labels"] = str(out_dir / "pseudo_labels.json")
+        log.info(f"done: best mean Dice {best:.4f} at step {best_step}; final {result['final_dice_mean']:.4f}; "
+                 f"pseudo-label share {report['pseudo_label_share']}")
+        with atomic_path(out_dir / "metrics.json") as tmp:
+            tmp.write_text(json.dumps(result, indent=1))
+        writer.close()
+    _barrier()
+    return result
+
+
+def _report_dataset(root: Path, manifest: dict, ids: list[str], build_dataset, patch, C):
+    """Whole unlabeled volumes: the eval pipeline for cases with a label, image-only otherwise."""
+    cases = {c["id"]: c for c in manifest["cases"]}
+    with_label = [i for i in ids if cases[i].get("label")]
+    without = [i for i in ids if not cases[i].get("label")]
+    parts = []
+    if with_label:
+        parts.append(build_dataset(root, with_label, "eval", patch, C, 1, False))
+    if without:
+        from monai.data import Dataset
+        from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
+        parts.append(Dataset([{"image": str(root / cases[i]["image"])} for i in without],
+                             Compose([LoadImaged("image"), EnsureChannelFirstd("image")])))
+    return torch.utils.data.ConcatDataset(parts) if len(parts) > 1 else parts[0]

@@ -1,0 +1,106 @@
+"""The interface every training method implements (USB/semilearn-style, one class per method).
+
+An :class:`Algorithm` holds the network(s) it trains and its own buffers (q̂, π). The trainer
+owns everything else: data, devices, optimiser, AMP, the EMA teacher's update, logging, I/O.
+
+Batches (tensors already on the device):
+  labeled:   ``image`` ``(B, 1, *patch)`` float, ``label`` ``(B, 1, *patch)`` class indices;
+  unlabeled: ``image_weak``, ``image_strong`` ``(U, 1, *patch)`` (same voxels, two views),
+             and in teacher mode ``teacher_probs`` ``(U, C, *patch)`` from an external model.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from monai.losses import DiceCELoss
+from torch import nn
+
+
+def sigmoid_rampup(step: int, length: int) -> float:
+    """exp(-5 (1 - t)^2), t = step/length clipped to [0, 1] (Laine & Aila; DHC's ramp-up)."""
+    if length <= 0:
+        return 1.0
+    t = min(max(step / length, 0.0), 1.0)
+    return float(math.exp(-5.0 * (1.0 - t) ** 2))
+
+
+def class_share(labels: torch.Tensor, mask: Optional[torch.Tensor], num_classes: int) -> torch.Tensor:
+    """Share of each class among the (masked) hard labels, ``(C,)`` float (zeros if none kept)."""
+    kept = labels[mask] if mask is not None else labels.reshape(-1)
+    counts = torch.bincount(kept.reshape(-1), minlength=num_classes).float()
+    return counts / counts.sum().clamp_min(1.0)
+
+
+class Algorithm(nn.Module):
+    """Base class: supervised Dice + CE loss, unsupervised-weight ramp-up, method state.
+
+    Subclasses set ``uses_unlabeled`` / ``uses_teacher`` and implement :meth:`train_step`.
+    ``prior`` is π ``(C,)``: class frequencies of the labeled voxels.
+    """
+
+    name = "base"
+    uses_unlabeled = False   # the trainer feeds unlabeled batches
+    uses_teacher = False     # the trainer builds and updates an EMA teacher of ``student``
+
+    def __init__(self, student: nn.Module, cfg: dict, num_classes: int,
+                 prior: Optional[torch.Tensor] = None):
+        super().__init__()
+        self.student = student
+        self.teacher: Optional[nn.Module] = None
+        self.cfg = cfg
+        self.num_classes = num_classes
+        if prior is None:
+            prior = torch.full((num_classes,), 1.0 / num_classes)
+        self.register_buffer("prior", prior.float().clone())
+        # MONAI's Dice + CE on softmax outputs (the DHC/nnU-Net supervised loss)
+        self.sup_loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+
+    # --- used by the trainer -------------------------------------------------------------
+    def attach_teacher(self, teacher: nn.Module) -> None:
+        """The EMA teacher (a ``ModelEMA``) built and updated by the trainer."""
+        self.teacher = teacher
+
+    def train(self, mode: bool = True):
+        """Students follow ``mode``; the EMA teacher always stays in eval mode."""
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def trained_networks(self) -> dict[str, nn.Module]:
+        """Networks whose parameters the optimiser updates, by checkpoint key."""
+        return {"student": self.student}
+
+    def inference_network(self) -> nn.Module:
+        """The network used for validation, prediction and ``checkpoint["model"]``."""
+        return self.teacher.module if self.teacher is not None else self.student
+
+    def method_state(self) -> dict[str, torch.Tensor]:
+        """The method's own buffers (q̂, π), without the networks' weights."""
+        nets = tuple(f"{k}." for k in ("student", "student2", "teacher"))
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(nets)}
+
+    def load_method_state(self, state: dict) -> None:
+        own = self.state_dict()
+        for k, v in state.items():
+            own[k].copy_(v)
+
+    @torch.no_grad()
+    def pseudo_label_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """Probabilities the method would turn into pseudo-labels, ``(N, C, *)`` float32."""
+        return torch.softmax(logits.float(), dim=1)
+
+    # --- helpers for subclasses ----------------------------------------------------------
+    def supervised_loss(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """Dice + CE; ``logits`` ``(B, C, *)``, ``label`` ``(B, 1, *)``."""
+        return self.sup_loss_fn(logits.float(), label.float())
+
+    def unsup_weight(self, step: int) -> float:
+        m = self.cfg["method"]
+        return m["lambda_u"] * sigmoid_rampup(step, m["rampup_steps"])
+
+    def train_step(self, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
+        """One step's loss (a scalar tensor to back-propagate) and logs (floats or ``(C,)``)."""
+        raise NotImplementedError

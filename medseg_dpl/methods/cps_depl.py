@@ -1,0 +1,73 @@
+"""CPS-DePL: two networks co-trained with debiased cross pseudo-supervision (DHC's "DePL").
+
+Networks A and B see the same crops (labeled + weak unlabeled, as in DHC's code). Each keeps
+its own q̂ (response EMA of its softmax over unlabeled voxels). A's counterfactual
+pseudo-labels softmax(z_A − τ·log(q̂_A/π)) supervise B's margin-adjusted logits
+z_B + τ·log(q̂_A/π) and vice versa; plus Dice + CE on the labeled crops for both.
+Note: DHC's ``train_depl.py`` computes the margin-adjusted logits but then applies the CPS loss
+to the raw outputs of the whole batch; here the margins are applied, on unlabeled voxels only
+(the method as described). Inference uses network A (``checkpoint["model"]``).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from medseg_dpl.core.debias import (ResponseEMA, debiased_probs, margin_adjusted_logits,
+                                    masked_cross_entropy, pseudo_labels)
+from medseg_dpl.methods.base import Algorithm, class_share
+from medseg_dpl.methods.debiaspl import reference_prior
+
+
+class CPSDePL(Algorithm):
+    name = "cps_depl"
+    uses_unlabeled = True
+
+    def __init__(self, student, cfg, num_classes, prior=None, student2=None):
+        super().__init__(student, cfg, num_classes, prior)
+        # B differs from A by its initialisation (DHC: kaiming vs xavier); the trainer passes
+        # a separately seeded network, the deepcopy is only a fallback
+        self.student2 = student2 if student2 is not None else copy.deepcopy(student)
+        m = cfg["debias"]["momentum"]
+        self.response_a = ResponseEMA(num_classes, momentum=m)
+        self.response_b = ResponseEMA(num_classes, momentum=m)
+        reference_prior(cfg, self.prior, self.prior)
+
+    def trained_networks(self):
+        return {"student": self.student, "student2": self.student2}
+
+    @torch.no_grad()
+    def pseudo_label_probs(self, logits):
+        qhat = self.response_a.qhat
+        return debiased_probs(logits.float(), qhat, self.cfg["debias"]["tau"],
+                              reference_prior(self.cfg, self.prior, qhat))
+
+    def train_step(self, batch, step):
+        x_l, y_l = batch["image"], batch["label"]
+        tau, thr = self.cfg["debias"]["tau"], self.cfg["method"]["threshold"]
+        x = torch.cat([x_l, batch["image_weak"]], dim=0)
+        n = x_l.shape[0]
+        out_a, out_b = self.student(x), self.student2(x)
+        sup = self.supervised_loss(out_a[:n], y_l) + self.supervised_loss(out_b[:n], y_l)
+        u_a, u_b = out_a[n:], out_b[n:]
+        ref_a = reference_prior(self.cfg, self.prior, self.response_a.qhat)
+        ref_b = reference_prior(self.cfg, self.prior, self.response_b.qhat)
+        with torch.no_grad():
+            lab_a, mask_a = pseudo_labels(debiased_probs(u_a.detach(), self.response_a.qhat, tau, ref_a), thr)
+            lab_b, mask_b = pseudo_labels(debiased_probs(u_b.detach(), self.response_b.qhat, tau, ref_b), thr)
+            masked = self.cfg["debias"]["masked"]
+            self.response_a.update(torch.softmax(u_a.detach().float(), 1), mask_a if masked else None)
+            self.response_b.update(torch.softmax(u_b.detach().float(), 1), mask_b if masked else None)
+        ref_a = reference_prior(self.cfg, self.prior, self.response_a.qhat)
+        ref_b = reference_prior(self.cfg, self.prior, self.response_b.qhat)
+        cps = (masked_cross_entropy(margin_adjusted_logits(u_b, self.response_a.qhat, tau, ref_a), lab_a, mask_a)
+               + masked_cross_entropy(margin_adjusted_logits(u_a, self.response_b.qhat, tau, ref_b), lab_b, mask_b))
+        weight = self.unsup_weight(step)
+        loss = sup + weight * cps
+        mask = torch.cat([mask_a, mask_b])
+        logs = {"loss/sup": sup.detach(), "loss/unsup": cps.detach(), "unsup_weight": weight,
+                "mask_ratio": mask.float().mean(),
+                "pl_share": class_share(torch.cat([lab_a, lab_b]), mask, self.num_classes),
+                "qhat": self.response_a.qhat.detach().clone()}
+        return loss, logs

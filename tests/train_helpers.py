@@ -1,0 +1,113 @@
+"""Helpers for the training tests: a tiny PREP_DIR per the contract (32³ NIfTIs, 4 classes).
+
+Blobs of three sizes (a big, a medium and a small "organ") at jittered positions on a noisy
+body, so the class distribution is imbalanced like CT and a few steps of training move Dice.
+If the data package's pipelines are not importable, :func:`ensure_data_api` installs a minimal
+contract-conforming stand-in (MONAI transforms) so the trainer can be tested on its own.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+CLASSES = ["background", "liver", "spleen", "adrenal"]
+
+
+def make_tiny_prep(out: Path, n_cases: int = 8, size: int = 32, seed: int = 0,
+                   labeled: int = 2, eval_n: int = 2) -> Path:
+    out = Path(out)
+    (out / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (out / "labelsTr").mkdir(exist_ok=True)
+    (out / "splits").mkdir(exist_ok=True)
+    rng = np.random.default_rng(seed)
+    g = np.stack(np.meshgrid(*[np.arange(size)] * 3, indexing="ij"), -1).astype(np.float32)
+    affine = np.diag([1.5, 1.5, 2.0, 1.0])
+    cases, counts = [], np.zeros(len(CLASSES))
+    radii = [0.30, 0.17, 0.09]
+    intens = [0.55, 0.62, 0.5]
+    for k in range(n_cases):
+        cid = f"{k + 1:04d}"
+        lab = np.zeros((size,) * 3, np.uint8)
+        img = 0.3 + 0.05 * rng.standard_normal((size,) * 3).astype(np.float32)
+        centres = [(0.38, 0.5, 0.5), (0.7, 0.3, 0.5), (0.65, 0.72, 0.45)]
+        for c, (ctr, r, v) in enumerate(zip(centres, radii, intens), start=1):
+            ctr = (np.asarray(ctr) + rng.uniform(-0.05, 0.05, 3)) * size
+            inside = np.linalg.norm(g - ctr, axis=-1) < r * size
+            lab[inside & (lab == 0)] = c
+            img[inside] = v + 0.05 * rng.standard_normal(inside.sum())
+        img = np.clip(img, 0, 1).astype(np.float32)
+        nib.save(nib.Nifti1Image(img, affine), str(out / "imagesTr" / f"{cid}.nii.gz"))
+        nib.save(nib.Nifti1Image(lab, affine), str(out / "labelsTr" / f"{cid}.nii.gz"))
+        counts += np.bincount(lab.ravel(), minlength=len(CLASSES))
+        cases.append({"id": cid, "image": f"imagesTr/{cid}.nii.gz", "label": f"labelsTr/{cid}.nii.gz",
+                      "subset": "train", "source_image": "", "source_label": "",
+                      "original": {"shape": [size] * 3, "affine": affine.tolist(), "spacing": [1.5, 1.5, 2.0]},
+                      "crop_box": [[0, size]] * 3, "shape": [size] * 3})
+    manifest = {"dataset": "nifti", "classes": CLASSES, "spacing": [1.5, 1.5, 2.0], "orientation": "RAS",
+                "intensity": {"clip": [-175.0, 250.0]},
+                "label_counts": {c: int(v) for c, v in zip(CLASSES, counts)}, "cases": cases}
+    (out / "dataset.json").write_text(json.dumps(manifest, indent=1))
+    ids = [c["id"] for c in cases]
+    splits = {"eval": ids[:eval_n], "train": ids[eval_n:], "test": [],
+              "labeled_20p": ids[eval_n:eval_n + labeled], "unlabeled_20p": ids[eval_n + labeled:]}
+    for name, lst in splits.items():
+        (out / "splits" / f"{name}.txt").write_text("".join(f"{i}\n" for i in lst))
+    return out
+
+
+def _fallback_module():
+    from monai.data import CacheDataset, Dataset
+    from monai.transforms import (Compose, CopyItemsd, DeleteItemsd, EnsureChannelFirstd, EnsureTyped,
+                                  LoadImaged, RandCoarseDropoutd, RandCropByPosNegLabeld, RandFlipd,
+                                  RandGaussianNoised, RandSpatialCropSamplesd, SpatialPadd)
+
+    def labeled_transforms(patch_size, num_classes, num_samples):
+        return Compose([LoadImaged(["image", "label"]), EnsureChannelFirstd(["image", "label"]),
+                        SpatialPadd(["image", "label"], patch_size),
+                        RandCropByPosNegLabeld(["image", "label"], "label", patch_size, num_samples=num_samples),
+                        RandFlipd(["image", "label"], prob=0.5, spatial_axis=0),
+                        EnsureTyped(["image", "label"])])
+
+    def unlabeled_transforms(patch_size, num_samples):
+        return Compose([LoadImaged("image"), EnsureChannelFirstd("image"), SpatialPadd("image", patch_size),
+                        RandSpatialCropSamplesd("image", patch_size, num_samples=num_samples, random_size=False),
+                        RandFlipd("image", prob=0.5, spatial_axis=0),
+                        CopyItemsd("image", times=2, names=["image_weak", "image_strong"]), DeleteItemsd("image"),
+                        RandGaussianNoised("image_strong", prob=1.0, std=0.05),
+                        RandCoarseDropoutd("image_strong", holes=2, spatial_size=4, prob=0.5)])
+
+    def eval_transforms():
+        return Compose([LoadImaged(["image", "label"]), EnsureChannelFirstd(["image", "label"])])
+
+    def build_dataset(prep_dir, ids, kind, patch_size, num_classes, num_samples, cache=True):
+        prep_dir = Path(prep_dir)
+        man = json.loads((prep_dir / "dataset.json").read_text())
+        cases = {c["id"]: c for c in man["cases"]}
+        data = [{"id": i, "image": str(prep_dir / cases[i]["image"]),
+                 **({"label": str(prep_dir / cases[i]["label"])} if kind != "unlabeled" else {})} for i in ids]
+        t = {"labeled": lambda: labeled_transforms(patch_size, num_classes, num_samples),
+             "unlabeled": lambda: unlabeled_transforms(patch_size, num_samples),
+             "eval": eval_transforms}[kind]()
+        return CacheDataset(data, t, progress=False) if cache else Dataset(data, t)
+
+    mod = types.ModuleType("medseg_dpl.data.pipelines")
+    mod.build_dataset = build_dataset
+    return mod
+
+
+def ensure_data_api() -> None:
+    """Make ``medseg_dpl.data.{load_manifest, read_split, pipelines.build_dataset}`` importable."""
+    import medseg_dpl.data as data
+    try:
+        import medseg_dpl.data.pipelines  # noqa: F401
+    except ImportError:
+        sys.modules["medseg_dpl.data.pipelines"] = _fallback_module()
+    if not hasattr(data, "load_manifest"):
+        data.load_manifest = lambda root: json.loads((Path(root) / "dataset.json").read_text())
+    if not hasattr(data, "read_split"):
+        data.read_split = lambda root, name: (Path(root) / "splits" / f"{name}.txt").read_text().split()
