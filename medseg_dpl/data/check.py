@@ -77,12 +77,27 @@ def make_executor(workers: int):
 
     try:
         ctx = mp.get_context("forkserver")
+        # Imported once in the fork server, not in every worker (medseg_dpl.utils pulls torch).
+        ctx.set_forkserver_preload(["medseg_dpl.utils", "medseg_dpl.data.preprocess",
+                                    "medseg_dpl.data.check", "scipy.ndimage",
+                                    "nibabel.orientations"])
     except ValueError:  # platforms without forkserver
         ctx = mp.get_context("spawn")
     return ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
 
 
 # ----------------------------------------------------------------------------- one case
+def ras_spacing(affine: np.ndarray) -> list[float]:
+    """Voxel sizes (mm) in RAS axis order, i.e. after reorientation to RAS."""
+    from nibabel.orientations import io_orientation
+
+    vs = voxel_spacing(affine)
+    out = [0.0, 0.0, 0.0]
+    for i, (ras_axis, _flip) in enumerate(io_orientation(affine)):
+        out[int(ras_axis)] = float(vs[i])
+    return out
+
+
 def _read_for_check(path: Path, problems: list[str]):
     """(header shape, affine, voxels or None). Adds a problem and returns Nones when unreadable."""
     if path.is_dir():
@@ -141,7 +156,7 @@ def check_case(case: Case, num_classes: int | None) -> dict:
             if bad:
                 problems.append(f"{case.image}: {bad} NaN/inf intensities")
     if aff is not None:
-        info["spacing"] = [float(s) for s in voxel_spacing(aff)]
+        info["spacing"] = ras_spacing(aff)
     del arr
     if case.label is not None:
         lshape, laff, lab = _read_for_check(Path(case.label), problems)

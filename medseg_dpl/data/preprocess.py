@@ -33,18 +33,30 @@ import numpy as np
 from medseg_dpl.data.io import DataError, read_image, save_nifti, voxel_spacing
 
 DEFAULT_CLIP = (-175.0, 250.0)
-# Target spacings (mm, RAS order), one place. Real Synapse/AMOS scans (0.6-1 mm in-plane,
-# 1.25-5 mm slices) are commonly resampled to ~1.5 x 1.5 x 2 mm for 3D U-Nets: fine enough for
-# the adrenal glands, small enough that a 96^3 patch spans most of the abdomen's width.
-# "nifti"/"dicom" data are of unknown provenance: same choice. Override with --spacing.
-# The phantom (medseg_dpl.data.phantom) is written at coarser spacings; prep it with
-# --spacing matching its own (see tests/conftest.py and the demo) to keep it small.
-DEFAULT_SPACING = {
+# Default target spacing (mm, RAS order), one place: per axis the *coarser* of
+#   * MIN_SPACING[dataset]: real Synapse/AMOS scans (0.6-1 mm in-plane, 1.25-5 mm slices) are
+#     commonly resampled to ~1.5 x 1.5 x 2 mm for 3D U-Nets: fine enough for the adrenal glands,
+#     coarse enough that a 96^3 patch spans a good part of the abdomen; and
+#   * the dataset's median spacing (nnU-Net's rule): never invent resolution the data lack.
+# Real Synapse (median ~0.76 x 0.76 x 3 mm) -> 1.5 x 1.5 x 3; AMOS (~0.7 x 0.7 x 5) -> 1.5 x 1.5 x 5;
+# the phantom (5-6 x 5-6 x ~7 mm at its default 80 x 80 x 64) keeps its median spacing, so it
+# stays small. --spacing X Y Z overrides.
+MIN_SPACING = {
     "synapse": (1.5, 1.5, 2.0),
     "amos": (1.5, 1.5, 2.0),
     "nifti": (1.5, 1.5, 2.0),
     "dicom": (1.5, 1.5, 2.0),
 }
+
+
+def default_spacing(dataset: str, case_spacings: Sequence[Sequence[float]]) -> tuple[float, ...]:
+    """Per axis max(MIN_SPACING[dataset], median of the cases' RAS spacings), to 0.1 µm."""
+    floor = np.asarray(MIN_SPACING.get(dataset, MIN_SPACING["nifti"]), dtype=np.float64)
+    sp = np.asarray([s for s in case_spacings if s is not None], dtype=np.float64).reshape(-1, 3)
+    med = np.median(sp, axis=0) if len(sp) else floor
+    return tuple(float(round(v, 4)) for v in np.maximum(floor, med))
+
+
 BODY_HU = -500.0
 BODY_MARGIN_MM = 10.0
 PREP_VERSION = 1  # bump when the math changes: cases done by an older version are redone
@@ -352,7 +364,7 @@ def preprocess_dataset(dataset: str, raw, out, spacing: Sequence[float] | None =
                        progress: bool = True, stream=None) -> dict:
     """Check, then preprocess a raw dataset into ``out`` (PREP_DIR); returns the manifest.
 
-    ``spacing`` defaults to ``DEFAULT_SPACING[dataset]``; ``classes`` (nifti/dicom only): a
+    ``spacing`` defaults to :func:`default_spacing` (coarser of MIN_SPACING and the median); ``classes`` (nifti/dicom only): a
     dataset name, comma-separated names, or a list; default: inferred from the largest label.
     Raises :class:`medseg_dpl.data.check.CheckError` (listing every problem) before ``out``
     is created when the raw data are bad. Cases already done with the same settings are
@@ -364,9 +376,10 @@ def preprocess_dataset(dataset: str, raw, out, spacing: Sequence[float] | None =
 
     stream = sys.stdout if stream is None else stream
     out = Path(out)
-    spacing = tuple(float(s) for s in (spacing if spacing is not None else DEFAULT_SPACING[dataset]))
-    if len(spacing) != 3 or min(spacing) <= 0:
-        raise ValueError(f"spacing must be 3 positive numbers (mm), got {spacing}")
+    if spacing is not None:
+        spacing = tuple(float(s) for s in spacing)
+        if len(spacing) != 3 or min(spacing) <= 0:
+            raise ValueError(f"spacing must be 3 positive numbers (mm), got {spacing}")
     clip = (float(clip[0]), float(clip[1]))
     if not clip[1] > clip[0]:
         raise ValueError(f"clip must be LO < HI, got {clip}")
@@ -385,6 +398,8 @@ def preprocess_dataset(dataset: str, raw, out, spacing: Sequence[float] | None =
             raise CheckError(problems)
         max_label = max([i["max_label"] for i in infos if i["max_label"] is not None] or [0])
         names = resolve_classes(dataset, classes, max_label)
+        if spacing is None:
+            spacing = default_spacing(dataset, [i["spacing"] for i in infos])
         out.mkdir(parents=True, exist_ok=True)
         entries = parallel_map(partial(prep_case, out=out, spacing=spacing, clip=clip,
                                        num_classes=len(names)),
