@@ -1,0 +1,164 @@
+"""Synthetic abdomen phantom: exact raw layouts, anatomy plausibility, geometry, determinism."""
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medseg_dpl.data.labels import AMOS_CLASSES, SYNAPSE_CLASSES
+from medseg_dpl.data.phantom import PhantomError, make_phantom, phantom_case
+
+SMALL = (40, 40, 32)
+
+
+@pytest.fixture(scope="module")
+def default_cases():
+    """Four default-size AMOS cases (AMOS has every organ of Synapse but the portal veins)."""
+    return [phantom_case(7, i, "amos") for i in range(4)]
+
+
+def _world_centroid(case, k):
+    ijk = np.argwhere(case.label == k).mean(0)
+    return case.affine[:3, :3] @ ijk + case.affine[:3, 3]
+
+
+def test_synapse_layout_exact_paths(tmp_path):
+    paths = make_phantom(tmp_path, "synapse", cases=2, seed=3, shape=SMALL)
+    rel = sorted(str(p.relative_to(tmp_path)) for p in paths)
+    assert rel == ["RawData/Training/img/img0001.nii.gz", "RawData/Training/img/img0002.nii.gz",
+                   "RawData/Training/label/label0001.nii.gz", "RawData/Training/label/label0002.nii.gz"]
+    img = nib.load(tmp_path / "RawData/Training/img/img0001.nii.gz")
+    lab = nib.load(tmp_path / "RawData/Training/label/label0001.nii.gz")
+    assert img.shape == lab.shape == SMALL
+    assert img.get_data_dtype() == np.int16 and lab.get_data_dtype() == np.uint8
+    np.testing.assert_array_equal(img.affine, lab.affine)
+    values = np.unique(np.asarray(lab.dataobj))
+    # every Synapse organ present, nothing outside the class list
+    assert values.tolist() == list(range(len(SYNAPSE_CLASSES)))
+    # no temp files left behind by the atomic writes
+    assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".")]
+
+
+def test_amos_layout_exact_paths_and_dataset_json(tmp_path):
+    paths = make_phantom(tmp_path, "amos", cases=4, seed=3, shape=SMALL, va_fraction=0.25)
+    assert all(p.exists() for p in paths)
+    files = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.nii.gz"))
+    assert files == ["imagesTr/amos_0001.nii.gz", "imagesTr/amos_0002.nii.gz", "imagesTr/amos_0003.nii.gz",
+                     "imagesVa/amos_0004.nii.gz", "labelsTr/amos_0001.nii.gz", "labelsTr/amos_0002.nii.gz",
+                     "labelsTr/amos_0003.nii.gz", "labelsVa/amos_0004.nii.gz"]
+    meta = json.loads((tmp_path / "dataset.json").read_text())
+    assert meta["labels"] == {str(i): n for i, n in enumerate(AMOS_CLASSES)}
+    assert meta["numTraining"] == 3 and len(meta["training"]) == 3
+    assert meta["training"][0] == {"image": "./imagesTr/amos_0001.nii.gz", "label": "./labelsTr/amos_0001.nii.gz"}
+    assert meta["validation"] == [{"image": "./imagesVa/amos_0004.nii.gz", "label": "./labelsVa/amos_0004.nii.gz"}]
+    for entry in meta["training"] + meta["validation"]:
+        assert (tmp_path / entry["image"]).exists() and (tmp_path / entry["label"]).exists()
+    lab = np.asarray(nib.load(tmp_path / "labelsVa/amos_0004.nii.gz").dataobj)
+    assert lab.max() <= len(AMOS_CLASSES) - 1
+
+
+def test_every_organ_sampled_without_forcing_at_default_size(default_cases):
+    for c in default_cases:
+        assert c.info["forced_organs"] == []
+        counts = np.bincount(c.label.ravel(), minlength=len(AMOS_CLASSES))
+        assert len(counts) == len(AMOS_CLASSES) and (counts[1:] > 0).all()
+
+
+def test_organ_volume_ordering(default_cases):
+    i = {n: k for k, n in enumerate(AMOS_CLASSES)}
+    for c in default_cases:
+        ml = np.bincount(c.label.ravel(), minlength=len(AMOS_CLASSES)) * np.prod(c.info["spacing"]) / 1000
+        assert ml[i["liver"]] > 2 * ml[i["spleen"]]
+        assert ml[i["spleen"]] > ml[i["gallbladder"]]
+        for side in ("right", "left"):
+            assert ml[i["spleen"]] > 0.5 * ml[i[f"{side}_kidney"]]
+            assert ml[i[f"{side}_kidney"]] > 2 * ml[i["gallbladder"]]
+            assert ml[i["pancreas"]] > 4 * ml[i[f"{side}_adrenal_gland"]]
+        # nominal published volumes, generous bounds (log-normal per-case variation)
+        assert 900 < ml[i["liver"]] < 2300
+        assert 1 < ml[i["left_adrenal_gland"]] < 15
+
+
+def test_organ_intensities_overlap(default_cases):
+    """Intensity alone must not separate organs: central HU ranges of neighbours overlap."""
+    i = {n: k for k, n in enumerate(AMOS_CLASSES)}
+    pairs = [("liver", "spleen"), ("liver", "pancreas"), ("spleen", "right_kidney"),
+             ("liver", "left_kidney")]
+
+    def overlap(c, a, b):
+        va, vb = c.image[c.label == i[a]], c.image[c.label == i[b]]
+        return min(np.percentile(va, 90), np.percentile(vb, 90)) > max(np.percentile(va, 10),
+                                                                         np.percentile(vb, 10))
+    for c in default_cases:
+        for a, b in pairs:
+            assert overlap(c, a, b), (a, b, c.info)
+        # arterial and venous blood separate only in the arterial phase (as in real CT)
+        assert overlap(c, "aorta", "postcava") == (c.info["phase"] != "arterial"), c.info
+    # and the image is CT-like: air outside, fat, bone
+    img = default_cases[0].image
+    assert img.min() < -900 and img.max() > 300
+
+
+def test_affine_anisotropic_oriented_and_anatomically_consistent(default_cases):
+    codes = set()
+    for c in default_cases:
+        sp = np.array(c.info["spacing"])
+        np.testing.assert_allclose(np.abs(np.diag(c.affine[:3, :3])), sp)
+        assert sp[2] > sp[0] * 1.05                       # anisotropic slices
+        assert np.abs(c.affine[:3, 3]).max() > 50          # scanner origin offset
+        codes.add(nib.aff2axcodes(c.affine))
+        assert "".join(nib.aff2axcodes(c.affine)) == c.info["orientation"]
+        i = {n: k for k, n in enumerate(AMOS_CLASSES)}
+        # RAS world: +x = patient right, +y = anterior, +z = superior
+        liver, spleen = _world_centroid(c, i["liver"]), _world_centroid(c, i["spleen"])
+        rk, lk = _world_centroid(c, i["right_kidney"]), _world_centroid(c, i["left_kidney"])
+        bladder, stomach = _world_centroid(c, i["bladder"]), _world_centroid(c, i["stomach"])
+        assert liver[0] > spleen[0] and rk[0] > lk[0]
+        assert stomach[1] > rk[1]                          # kidneys are posterior
+        assert stomach[2] > bladder[2]
+        assert _world_centroid(c, i["right_adrenal_gland"])[2] > rk[2]
+    # several orientations among cases (seeded, so this is deterministic)
+    assert len(codes) >= 2, codes
+
+
+def test_written_affine_round_trips(tmp_path):
+    make_phantom(tmp_path, "synapse", cases=1, seed=5, shape=SMALL)
+    c = phantom_case(5, 0, "synapse", SMALL)
+    img = nib.load(tmp_path / "RawData/Training/img/img0001.nii.gz")
+    np.testing.assert_allclose(img.affine, c.affine, atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(img.dataobj), c.image)
+    assert img.header.get_qform(coded=True)[1] == 1 and img.header.get_sform(coded=True)[1] == 1
+
+
+def test_deterministic_per_seed_and_varies_between_cases():
+    a, b = phantom_case(11, 2, "synapse", SMALL), phantom_case(11, 2, "synapse", SMALL)
+    np.testing.assert_array_equal(a.image, b.image)
+    np.testing.assert_array_equal(a.label, b.label)
+    np.testing.assert_array_equal(a.affine, b.affine)
+    other_seed = phantom_case(12, 2, "synapse", SMALL)
+    other_case = phantom_case(11, 3, "synapse", SMALL)
+    for o in (other_seed, other_case):
+        assert not np.array_equal(a.label, o.label)
+        assert not np.array_equal(a.image, o.image)
+    # per-organ volumes vary between cases
+    ca = np.bincount(a.label.ravel(), minlength=14) * np.prod(a.info["spacing"])
+    co = np.bincount(other_case.label.ravel(), minlength=14) * np.prod(other_case.info["spacing"])
+    assert np.abs(np.log(ca[1:] / co[1:])).max() > 0.1
+
+
+def test_tiny_grid_keeps_every_organ():
+    c = phantom_case(0, 0, "amos", (24, 24, 24))
+    assert (np.bincount(c.label.ravel(), minlength=len(AMOS_CLASSES))[1:] > 0).all()
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(PhantomError, match="layout"):
+        make_phantom(tmp_path, "btcv", cases=1)
+    with pytest.raises(PhantomError, match="at least 1 case"):
+        make_phantom(tmp_path, "synapse", cases=0)
+    with pytest.raises(PhantomError, match="shape"):
+        phantom_case(0, 0, "synapse", (4, 40, 40))
+    with pytest.raises(PhantomError, match="spacing"):
+        phantom_case(0, 0, "synapse", SMALL, spacing=(1, -1, 2))
