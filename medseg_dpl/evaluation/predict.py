@@ -1,0 +1,277 @@
+"""Prediction: a checkpoint + CT volumes -> label maps in each input's own geometry.
+
+Pipeline per case: ``preprocess_image`` (exactly what ``medseg-dpl prep`` does: RAS, the
+checkpoint's target spacing, HU clip and scaling, body crop) -> MONAI sliding-window inference
+(Gaussian blending, optional flip TTA, bf16 autocast on CUDA) -> class probabilities on the
+preprocessed grid -> resampled onto the input's voxel grid through the world coordinates
+(the preprocessed NIfTI affine is the true world affine, so ``inv(A_prep) @ A_orig`` maps each
+input voxel to its location in the preprocessed grid; this undoes crop, resampling and
+reorientation at once) -> argmax -> ``uint8`` NIfTI with the input's shape and affine.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import nibabel as nib
+import numpy as np
+import torch
+from scipy import ndimage
+from tqdm import tqdm
+
+from medseg_dpl.utils import atomic_path
+
+log = logging.getLogger(__name__)
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+class PredictError(RuntimeError):
+    """Bad checkpoint or input; the message names the file and the cause."""
+
+
+# --------------------------------------------------------------------------- checkpoint
+@dataclass
+class LoadedModel:
+    """A network ready for inference plus what prediction needs from its checkpoint."""
+    model: torch.nn.Module
+    classes: list[str]
+    spacing: list[float]
+    clip: list[float]
+    patch_size: list[int]
+    overlap: float
+    sw_batch_size: int
+    config: dict
+    device: torch.device
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_checkpoint_model(checkpoint: str | os.PathLike, device=None) -> LoadedModel:
+    """Load a trainer checkpoint (contract format) and build its inference network (eval mode)."""
+    from medseg_dpl.models import build_model
+
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise PredictError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt file, not a torch pickle, or non-plain types
+        raise PredictError(f"{path}: cannot read checkpoint ({exc})") from exc
+    for key in ("config", "model", "dataset"):
+        if not isinstance(ckpt, dict) or key not in ckpt:
+            raise PredictError(f"{path}: not a medseg-dpl checkpoint (missing {key!r})")
+    cfg, ds = ckpt["config"], ckpt["dataset"]
+    try:
+        classes = list(ds["classes"])
+        spacing = [float(s) for s in ds["spacing"]]
+        clip = [float(c) for c in ds["intensity"]["clip"]]
+        patch = [int(p) for p in cfg["data"]["patch_size"]]
+    except (KeyError, TypeError) as exc:
+        raise PredictError(f"{path}: checkpoint lacks {exc} in its dataset/config record") from exc
+    ev = cfg.get("eval", {}) or {}
+    dev = resolve_device(device)
+    model = build_model(cfg.get("model", {}), 1, len(classes))
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        raise PredictError(f"{path}: weights do not fit the configured network ({exc})") from exc
+    model.to(dev).eval()
+    return LoadedModel(model, classes, spacing, clip, patch, float(ev.get("overlap", 0.5)),
+                       int(ev.get("sw_batch_size", 2)), cfg, dev)
+
+
+# --------------------------------------------------------------------------- inputs
+def _is_nifti(p: Path) -> bool:
+    return p.is_file() and p.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def case_name(p: Path) -> str:
+    name = p.name
+    for suf in NIFTI_SUFFIXES:
+        if name.lower().endswith(suf):
+            return name[: -len(suf)]
+    return name
+
+
+def _dicom_series_ids(folder: Path) -> list[str]:
+    return _data_fn("dicom_series_ids")(folder)
+
+
+def find_inputs(path: str | os.PathLike) -> list[tuple[str, Path]]:
+    """``(case name, path)`` of each volume under ``path``: a NIfTI file, a folder of NIfTI
+    files (sorted), or a DICOM series folder (one case named after the folder)."""
+    p = Path(path)
+    if not p.exists():
+        raise PredictError(f"{p}: input not found")
+    if p.is_file():
+        if not _is_nifti(p):
+            raise PredictError(f"{p}: not a NIfTI file (.nii or .nii.gz) or a DICOM series folder")
+        return [(case_name(p), p)]
+    niftis = _data_fn("list_nifti")(p)  # sorted, hidden/temporary files skipped
+    if niftis:
+        return [(case_name(q), q) for q in niftis]
+    if _dicom_series_ids(p):
+        return [(p.name, p)]
+    raise PredictError(f"{p}: folder holds neither NIfTI files nor a DICOM series")
+
+
+def source_geometry(path: str | os.PathLike) -> tuple[tuple[int, ...], np.ndarray, nib.Nifti1Header | None]:
+    """Voxel grid an output must reproduce: ``(shape (X, Y, Z), 4x4 RAS affine, NIfTI header or None)``.
+
+    NIfTI: the file's own array order and affine (its header is kept for the output).
+    DICOM series: ITK's index order ``(i, j, k)`` with its LPS geometry as a RAS affine
+    (``medseg_dpl.data`` ``read_header``), so the written NIfTI lies on the series' voxels.
+    """
+    p = Path(path)
+    shape, affine = _data_fn("read_header")(p)
+    header = nib.load(str(p)).header if p.is_file() else None
+    return tuple(int(s) for s in shape), np.asarray(affine, float), header
+
+
+# --------------------------------------------------------------------------- geometry
+def resample_probs_to_grid(probs: np.ndarray, src_affine: np.ndarray, dst_shape: Sequence[int],
+                           dst_affine: np.ndarray, order: int = 1) -> np.ndarray:
+    """Labels on ``dst`` from class probabilities on ``src``.
+
+    ``probs`` ``(C, x, y, z)`` on the grid with affine ``src_affine`` -> ``(X, Y, Z)`` uint8 on
+    the grid ``dst_shape``/``dst_affine``. Each class map is interpolated (``order`` 1:
+    trilinear, 0: nearest) with scipy's ``affine_transform`` and a running argmax is kept, so
+    memory stays at two destination volumes whatever the number of classes. Destination voxels
+    whose centre falls outside the source voxels' extent (the body crop's exterior) are
+    background; within half a voxel of the edge the edge value is used (prep replicates edges
+    when resampling too).
+    """
+    m = np.linalg.inv(src_affine) @ dst_affine  # dst voxel index -> src voxel index
+    shape = tuple(int(s) for s in dst_shape)
+    best = np.full(shape, -1.0, np.float32)
+    labels = np.zeros(shape, np.uint8)
+    for c in range(probs.shape[0]):
+        pc = ndimage.affine_transform(probs[c].astype(np.float32, copy=False), m[:3, :3], m[:3, 3],
+                                      output_shape=shape, output=np.float32, order=order,
+                                      mode="nearest")
+        better = pc > best
+        labels[better] = c
+        np.maximum(best, pc, out=best)
+    # inside = nearest source voxel exists: rounding maps [-0.5, n-0.5) onto the grid
+    inside = ndimage.affine_transform(np.ones(probs.shape[1:], np.uint8), m[:3, :3], m[:3, 3],
+                                      output_shape=shape, output=np.uint8, order=0,
+                                      mode="grid-constant", cval=0)
+    labels[inside == 0] = 0
+    return labels
+
+
+def _data_fn(name: str):
+    """A function of the data package (``preprocess_image``, ``read_image``, ...)."""
+    import importlib
+    for mod in ("medseg_dpl.data", "medseg_dpl.data.io", "medseg_dpl.data.preprocess",
+                "medseg_dpl.data.manifest"):
+        try:
+            m = importlib.import_module(mod)
+        except ModuleNotFoundError:
+            continue
+        if hasattr(m, name):
+            return getattr(m, name)
+    raise PredictError(f"medseg_dpl.data.{name} is not available (data package not installed?)")
+
+
+def infer_probs(lm: LoadedModel, image: np.ndarray, overlap: float | None = None,
+                sw_batch_size: int | None = None, tta: bool = False,
+                amp: bool = True) -> np.ndarray:
+    """Softmax probabilities ``(C, X, Y, Z)`` float32 of a preprocessed ``(X, Y, Z)`` volume."""
+    from medseg_dpl.evaluation.inference import sliding_window_predict
+    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None].to(lm.device)
+    p = sliding_window_predict(lm.model, x, lm.patch_size,
+                               overlap=lm.overlap if overlap is None else overlap,
+                               sw_batch_size=lm.sw_batch_size if sw_batch_size is None else sw_batch_size,
+                               amp=amp, tta_flip=tta)
+    return p[0].float().cpu().numpy()
+
+
+def write_labels(labels: np.ndarray, affine: np.ndarray, out_path: Path,
+                 header: nib.Nifti1Header | None = None) -> Path:
+    """Atomically write a uint8 label map with exactly ``affine`` (header copied when given)."""
+    hdr = None
+    if header is not None:
+        hdr = header.copy() if isinstance(header, nib.Nifti1Header) else None
+    img = nib.Nifti1Image(labels.astype(np.uint8), affine, header=hdr)
+    img.set_data_dtype(np.uint8)
+    img.header["scl_slope"], img.header["scl_inter"] = 1.0, 0.0
+    img.set_sform(affine, code=1)
+    img.set_qform(affine, code=1)
+    with atomic_path(out_path) as tmp:
+        nib.save(img, str(tmp))
+    return out_path
+
+
+def probs_to_original(probs: np.ndarray, prep_affine: np.ndarray, shape: Sequence[int],
+                      affine: np.ndarray, meta: dict | None = None,
+                      interpolation: str = "linear") -> np.ndarray:
+    """Class probabilities ``(C, x, y, z)`` on the preprocessed grid -> labels ``(X, Y, Z)``
+    uint8 on the source grid (``shape``, ``affine``).
+
+    ``"linear"``: trilinear probabilities then argmax (:func:`resample_probs_to_grid`).
+    ``"nearest"``: argmax on the preprocessed grid, then the data package's
+    ``restore_to_original`` with ``meta`` (prep's own inverse, the same nearest-voxel rule
+    prep used for labels).
+    """
+    needed = ("original", "resampled_shape", "crop_box", "shape", "affine")
+    if interpolation == "nearest" and meta is not None and all(k in meta for k in needed):
+        restore = _data_fn("restore_to_original")
+        return restore(probs.argmax(0).astype(np.uint8), meta).astype(np.uint8)
+    if interpolation not in ("linear", "nearest"):
+        raise ValueError(f"interpolation must be 'linear' or 'nearest', got {interpolation!r}")
+    return resample_probs_to_grid(probs, np.asarray(prep_affine, float), shape,
+                                  np.asarray(affine, float), order=1 if interpolation == "linear" else 0)
+
+
+def predict_volume(lm: LoadedModel, source: Path, overlap=None, sw_batch_size=None,
+                   tta=False, interpolation: str = "linear"):
+    """One input (NIfTI file or DICOM folder) -> ``(labels (X, Y, Z) uint8, affine, header)``
+    on the input's own grid."""
+    preprocess_image = _data_fn("preprocess_image")
+    image, prep_affine, meta = preprocess_image(source, lm.spacing, lm.clip)
+    shape, affine, header = source_geometry(source)
+    probs = infer_probs(lm, np.asarray(image), overlap, sw_batch_size, tta)
+    labels = probs_to_original(probs, prep_affine, shape, affine, meta, interpolation)
+    return labels, affine, header
+
+
+def predict(checkpoint: str | os.PathLike, input: str | os.PathLike, out_dir: str | os.PathLike,
+            overlap: float | None = None, sw_batch_size: int | None = None, tta: bool = False,
+            device: str | None = None, interpolation: str = "linear",
+            progress: bool = True) -> list[Path]:
+    """Predict every volume under ``input`` and write ``out_dir/<case>.nii.gz`` (uint8).
+
+    ``input``: a NIfTI file, a folder of NIfTI files, or a DICOM series folder. ``overlap`` and
+    ``sw_batch_size`` default to the checkpoint config's ``eval`` section; ``tta`` averages
+    the 8 flips; ``device`` ``"cpu"``, ``"cuda"`` or None (CUDA when available).
+    ``interpolation``: ``"linear"`` resamples probabilities then takes the argmax,
+    ``"nearest"`` picks the nearest preprocessed voxel. Returns the written paths.
+    """
+    lm = load_checkpoint_model(checkpoint, device)
+    cases = find_inputs(input)
+    out_dir = Path(out_dir)
+    written = []
+    for name, src in tqdm(cases, desc="predict", unit="case", disable=not progress):
+        labels, affine, header = predict_volume(lm, src, overlap, sw_batch_size, tta, interpolation)
+        written.append(write_labels(labels, affine, out_dir / f"{name}.nii.gz", header))
+        log.info("wrote %s", written[-1])
+    return written
+
+
+def iter_case_predictions(lm: LoadedModel, items: Iterable[tuple[str, np.ndarray, np.ndarray, dict]],
+                          overlap=None, sw_batch_size=None, tta=False, interpolation="linear"):
+    """For already preprocessed cases ``(id, image (x, y, z), prep_affine, case entry of
+    dataset.json)`` yield ``(id, labels (X, Y, Z) uint8 on the case's original grid)``."""
+    for cid, image, prep_affine, case in items:
+        probs = infer_probs(lm, image, overlap, sw_batch_size, tta)
+        yield cid, probs_to_original(probs, prep_affine, case["original"]["shape"],
+                                     case["original"]["affine"], case, interpolation)
