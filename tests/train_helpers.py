@@ -111,3 +111,15 @@ def ensure_data_api() -> None:
         data.load_manifest = lambda root: json.loads((Path(root) / "dataset.json").read_text())
     if not hasattr(data, "read_split"):
         data.read_split = lambda root, name: (Path(root) / "splits" / f"{name}.txt").read_text().split()
+
+
+def tiny_cfg(prep: Path, method: str, *overrides: str) -> dict:
+    """A CPU-sized config for the tiny prep: 8-16-32 UNet, 32³ patch, a few steps."""
+    from medseg_dpl.config import load_config
+    from medseg_dpl.engine.defaults import SEG_DEFAULTS
+    ov = [f"data.root={prep}", f"method.name={method}", "data.patch_size=[32,32,32]",
+          "model.channels=[8,16,32]", "model.strides=[2,2]", "train.batch_size=1",
+          "train.unlabeled_batch_size=1", "train.steps=3", "train.val_every=3",
+          "train.checkpoint_every=3", "train.log_every=1", "train.progress=false",
+          "debias.momentum=0.9", "eval.max_cases=1", *overrides]
+    return load_config(None, ov, SEG_DEFAULTS)
