@@ -158,15 +158,28 @@ def plot_dice_bars(summary: dict, path: str | os.PathLike, title: str | None = N
 
 def plot_overlay(path: str | os.PathLike, truth: np.ndarray, pred: np.ndarray,
                  image: np.ndarray | None = None, num_slices: int = 3, num_classes: int | None = None,
-                 title: str = "", window: tuple[float, float] = (-175.0, 250.0)) -> Path:
-    """Axial slices (index 2 of ``(X, Y, Z)``) with ground truth (left) and prediction (right).
+                 title: str = "", window: tuple[float, float] = (-175.0, 250.0),
+                 affine: np.ndarray | None = None) -> Path:
+    """Axial slices with ground truth (left) and prediction (right), ``(X, Y, Z)`` arrays.
 
-    Slices at 25/50/75 % of the ground truth's extent along Z (of the prediction's if the truth
-    is empty). ``image`` (same grid, HU) is drawn beneath, windowed to ``window``.
+    With ``affine`` the arrays are first reoriented to RAS (axis flips/permutations only) and
+    drawn in the radiological convention (patient's right on the left, anterior up); without
+    it, array axes are drawn as they are. Slices at 25/50/75 % of the ground truth's extent
+    along Z (of the prediction's if the truth is empty). ``image`` (same grid, HU) is drawn
+    beneath, windowed to ``window``.
     """
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    if affine is not None:
+        import nibabel as nib
+        ornt = nib.orientations.io_orientation(np.asarray(affine, float))
+        truth, pred = (nib.orientations.apply_orientation(a, ornt) for a in (truth, pred))
+        if image is not None:
+            image = nib.orientations.apply_orientation(image, ornt)
+        truth, pred = truth[::-1], pred[::-1]  # radiological: patient's right on screen left
+        image = None if image is None else image[::-1]
 
     fg = truth if truth.any() else pred
     zs = np.nonzero(fg.reshape(-1, fg.shape[2]).any(0))[0]
@@ -292,7 +305,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data_dir: str | os.PathLi
                 from medseg_dpl.data.io import read_image
                 image = read_image(_resolve(src, data_dir), dtype=np.float32)[0]
             plot_overlay(out / "overlays" / f"{cid}.png", truth, pred, image,
-                         num_classes=len(classes), title=f"case {cid}")
+                         num_classes=len(classes), title=f"case {cid}", affine=taff)
     if method is None:
         method = str(lm.config.get("method", {}).get("name") if isinstance(lm.config.get("method"), dict)
                      else lm.config.get("method") or Path(checkpoint).resolve().parent.parent.name)
@@ -398,6 +411,6 @@ def evaluate_predictions(pred_dir: str | os.PathLike, label_dir: str | os.PathLi
                 if cands:
                     image = read_image(cands[0], dtype=np.float32)[0]
             plot_overlay(Path(out_dir) / "overlays" / f"{key}.png", truth, pred, image,
-                         num_classes=len(names), title=f"case {key}")
+                         num_classes=len(names), title=f"case {key}", affine=taff)
     return write_report(rows, organs, out_dir, protocol, method,
                         {"pred_dir": str(pred_dir), "label_dir": str(label_dir)})
