@@ -156,10 +156,14 @@ def squeeze_to_3d(shape: tuple[int, ...]) -> tuple[int, ...] | None:
 def read_nifti_data(img, path: str | os.PathLike, dtype=None) -> np.ndarray:
     """All voxels of a loaded NIfTI, reshaped to 3D; a truncated/corrupt file raises DataError."""
     try:
+        slope, inter = img.header.get_slope_inter()
+        trivial = slope in (None, 1.0) and inter in (None, 0.0)
         if dtype is not None and np.issubdtype(np.dtype(dtype), np.floating):
             arr = img.get_fdata(dtype=dtype, caching="unchanged")
-        else:
-            arr = np.asanyarray(img.dataobj)
+        elif trivial:
+            arr = np.asanyarray(img.dataobj)  # stored type (int16 CT stays int16)
+        else:  # scaled storage (e.g. uint16 + scl_inter -1024): float32, not nibabel's float64
+            arr = img.get_fdata(dtype=np.float32, caching="unchanged")
     except Exception as exc:  # EOFError, zlib.error, OSError, ValueError on short reads
         raise DataError(f"{path}: unreadable or truncated image data "
                         f"({type(exc).__name__}: {exc})") from exc
@@ -173,7 +177,7 @@ def read_image(path: str | os.PathLike, dtype=None) -> tuple[np.ndarray, np.ndar
     """A NIfTI file or a DICOM series folder -> (array (X, Y, Z), 4x4 RAS world affine).
 
     ``dtype`` (e.g. ``np.float32``) converts with the NIfTI scaling applied; by default the
-    stored type is kept (scaled to float by nibabel when the header has a slope/intercept).
+    stored type is kept (float32 when the header has a non-trivial slope/intercept).
     """
     path = Path(path)
     if path.is_dir():

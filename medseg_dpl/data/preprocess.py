@@ -93,16 +93,17 @@ def _src_coords(n_out: int, n_in: int, r: float) -> np.ndarray:
 
 
 def _linear_axis(a: np.ndarray, axis: int, n_out: int, r: float) -> np.ndarray:
+    """Linear interpolation along one axis; float32 out (ints are cast after the gather)."""
     n_in = a.shape[axis]
     src = _src_coords(n_out, n_in, r)
     i0 = np.floor(src).astype(np.intp)
     i1 = np.minimum(i0 + 1, n_in - 1)
     w = (src - i0).astype(np.float32)
-    shape = [1, 1, 1]
+    shape = [1] * a.ndim
     shape[axis] = n_out
     w = w.reshape(shape)
-    lo = np.take(a, i0, axis=axis)
-    hi = np.take(a, i1, axis=axis)
+    lo = np.take(a, i0, axis=axis).astype(np.float32, copy=False)
+    hi = np.take(a, i1, axis=axis).astype(np.float32, copy=False)
     hi -= lo          # in place: no temporaries of the output size beyond lo and hi
     hi *= w
     hi += lo
@@ -118,25 +119,30 @@ def resample(array: np.ndarray, affine: np.ndarray, spacing: Sequence[float], or
     """Resample (X, Y, Z) ``array`` to voxel sizes ``spacing`` (mm, array axis order).
 
     ``order`` 1: linear, float32 out; 0: nearest, dtype kept. Returns (array, affine).
+    Works in the array's memory order (NIfTI data are Fortran-ordered): gathering whole
+    contiguous slabs along the slow axes is ~10x faster than strided gathers.
     """
     spacing_in = voxel_spacing(affine)
     new_shape, ratio = _target_shape(array.shape, spacing_in, np.asarray(spacing, dtype=np.float64))
-    out = array
+    perm = [int(k) for k in np.argsort([-abs(st) for st in array.strides], kind="stable")]
+    inv = [int(k) for k in np.argsort(perm)]
+    work = array.transpose(perm)          # C-like view: slowest-varying axis first
+    w_shape = [new_shape[k] for k in perm]
+    w_ratio = [float(ratio[k]) for k in perm]
     if order == 1:
-        out = out.astype(np.float32, copy=False)
         # Shrinking axes first keeps the intermediate arrays small.
-        for ax in sorted(range(3), key=lambda k: new_shape[k] / array.shape[k]):
-            if ratio[ax] != 1.0:
-                out = _linear_axis(out, ax, new_shape[ax], ratio[ax])
-    else:
-        idx = [np.arange(n) if r == 1.0 else _nearest_index(n, m, r)
-               for n, m, r in zip(new_shape, array.shape, ratio)]
-        if any(r != 1.0 for r in ratio):
-            out = out[np.ix_(*idx)]
+        for ax in sorted(range(3), key=lambda k: w_shape[k] / work.shape[k]):
+            if w_ratio[ax] != 1.0:
+                work = _linear_axis(work, ax, w_shape[ax], w_ratio[ax])
+        work = work.astype(np.float32, copy=False)
+    elif any(r != 1.0 for r in w_ratio):
+        for ax in range(3):
+            if w_ratio[ax] != 1.0:
+                work = np.take(work, _nearest_index(w_shape[ax], work.shape[ax], w_ratio[ax]), axis=ax)
     step = np.eye(4)
     step[:3, :3] = np.diag(ratio)
     step[:3, 3] = 0.5 * ratio - 0.5
-    return np.ascontiguousarray(out), np.asarray(affine, dtype=np.float64) @ step
+    return work.transpose(inv), np.asarray(affine, dtype=np.float64) @ step
 
 
 def body_box(hu: np.ndarray, spacing: Sequence[float], threshold: float = BODY_HU,
@@ -198,9 +204,9 @@ def preprocess_arrays(image: np.ndarray, affine: np.ndarray, spacing: Sequence[f
         lab, _ = reorient_ras(lab, affine)
         lab, _ = resample(lab, aff_ras, spacing, order=0)
         total = int(np.count_nonzero(lab))
-        lab_out = np.ascontiguousarray(lab[crop])
+        lab_out = np.array(lab[crop], order="K")
         meta["label_outside_crop"] = total - int(np.count_nonzero(lab_out))
-    img = np.ascontiguousarray(img)
+    img = np.array(img, order="K")  # own the cropped voxels; keep NIfTI (Fortran) order
     meta.update({"resampled_shape": resampled_shape, "crop_box": box,
                  "shape": [int(n) for n in img.shape], "affine": aff.tolist(),
                  "spacing": [float(v) for v in voxel_spacing(aff)]})
@@ -213,7 +219,7 @@ def preprocess_image(path_or_dicom_dir, spacing: Sequence[float], clip: Sequence
     Returns ``(image float32 ndarray (X, Y, Z) in [0, 1], affine 4x4 (RAS world of that grid),
     meta)``; ``meta`` as in :func:`preprocess_arrays` (feed it to :func:`restore_to_original`).
     """
-    image, affine = read_image(path_or_dicom_dir, dtype=np.float32)
+    image, affine = read_image(path_or_dicom_dir)
     img, _, aff, meta = preprocess_arrays(image, affine, spacing, clip)
     return img, aff, meta
 
@@ -305,7 +311,7 @@ def prep_case(case, out: str | os.PathLike, spacing, clip, num_classes: int) -> 
     if done is not None:
         done["skipped"] = True
         return done
-    image, affine = read_image(case.image, dtype=np.float32)
+    image, affine = read_image(case.image)
     label = None
     if case.label is not None:
         label, _ = read_image(case.label)
