@@ -24,8 +24,7 @@ def _worker(rank: int, world: int, port: int, prep: str, out: str, dump: str) ->
     os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from train_helpers import ensure_data_api, tiny_cfg
-    ensure_data_api()
+    from train_helpers import tiny_cfg
     from medseg_dpl.core.ema import unwrap
     from medseg_dpl.engine.trainer import train
     from medseg_dpl.methods.debiaspl import DebiasPL

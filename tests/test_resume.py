@@ -22,8 +22,7 @@ import sys, time
 sys.path.insert(0, {str(HERE)!r})
 import torch
 torch.set_num_threads(1)
-from train_helpers import ensure_data_api, tiny_cfg
-ensure_data_api()
+from train_helpers import tiny_cfg
 from medseg_dpl.methods.debiaspl import DebiasPL
 from medseg_dpl.engine.trainer import train
 prep, out, resume, slow = sys.argv[1], sys.argv[2], sys.argv[3] == "1", sys.argv[4] == "1"

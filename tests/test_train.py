@@ -6,13 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from train_helpers import CLASSES, ensure_data_api, make_tiny_prep, tiny_cfg
+from train_helpers import CLASSES, make_tiny_prep, tiny_cfg
 
-ensure_data_api()
-
-from medseg_dpl.engine.data import TeacherVolumes  # noqa: E402
-from medseg_dpl.engine.trainer import TrainingError, train  # noqa: E402
-from medseg_dpl.models import build_model  # noqa: E402
+from medseg_dpl.engine.data import TeacherVolumes
+from medseg_dpl.engine.trainer import TrainingError, train
+from medseg_dpl.models import build_model
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +124,13 @@ def test_teacher_mode_trains_from_external_predictions(prep, tmp_path):
     from medseg_dpl.engine.data import TeacherPredictionError
     with pytest.raises(TeacherPredictionError, match="have no prediction"):
         train(tiny_cfg(prep, "debiaspl", f"teacher.predictions={missing}"), tmp_path / "run2")
+
+
+def test_debiaspl_on_the_phantom_prep(phantom_prep, tmp_path):
+    """Integration with the data package: its phantom, prep, split and pipelines (14 classes)."""
+    out = tmp_path / "run"
+    result = train(tiny_cfg(phantom_prep, "debiaspl", "data.labeled_split=labeled_25p",
+                            "data.unlabeled_split=unlabeled_25p", "train.steps=2"), out)
+    rep = json.loads((out / "pseudo_labels.json").read_text())
+    assert len(rep["classes"]) == 14 and len(result["final_dice"]) == 13
+    assert rep["num_cases"] == len((phantom_prep / "splits/unlabeled_25p.txt").read_text().split())

@@ -2,14 +2,12 @@
 
 Blobs of three sizes (a big, a medium and a small "organ") at jittered positions on a noisy
 body, so the class distribution is imbalanced like CT and a few steps of training move Dice.
-If the data package's pipelines are not importable, :func:`ensure_data_api` installs a minimal
-contract-conforming stand-in (MONAI transforms) so the trainer can be tested on its own.
+Smaller than the data package's ``phantom_prep`` fixture (which one integration test uses),
+so the trainer's many small runs stay fast.
 """
 from __future__ import annotations
 
 import json
-import sys
-import types
 from pathlib import Path
 
 import nibabel as nib
@@ -58,59 +56,6 @@ def make_tiny_prep(out: Path, n_cases: int = 8, size: int = 32, seed: int = 0,
     for name, lst in splits.items():
         (out / "splits" / f"{name}.txt").write_text("".join(f"{i}\n" for i in lst))
     return out
-
-
-def _fallback_module():
-    from monai.data import CacheDataset, Dataset
-    from monai.transforms import (Compose, CopyItemsd, DeleteItemsd, EnsureChannelFirstd, EnsureTyped,
-                                  LoadImaged, RandCoarseDropoutd, RandCropByPosNegLabeld, RandFlipd,
-                                  RandGaussianNoised, RandSpatialCropSamplesd, SpatialPadd)
-
-    def labeled_transforms(patch_size, num_classes, num_samples):
-        return Compose([LoadImaged(["image", "label"]), EnsureChannelFirstd(["image", "label"]),
-                        SpatialPadd(["image", "label"], patch_size),
-                        RandCropByPosNegLabeld(["image", "label"], "label", patch_size, num_samples=num_samples),
-                        RandFlipd(["image", "label"], prob=0.5, spatial_axis=0),
-                        EnsureTyped(["image", "label"])])
-
-    def unlabeled_transforms(patch_size, num_samples):
-        return Compose([LoadImaged("image"), EnsureChannelFirstd("image"), SpatialPadd("image", patch_size),
-                        RandSpatialCropSamplesd("image", patch_size, num_samples=num_samples, random_size=False),
-                        RandFlipd("image", prob=0.5, spatial_axis=0),
-                        CopyItemsd("image", times=2, names=["image_weak", "image_strong"]), DeleteItemsd("image"),
-                        RandGaussianNoised("image_strong", prob=1.0, std=0.05),
-                        RandCoarseDropoutd("image_strong", holes=2, spatial_size=4, prob=0.5)])
-
-    def eval_transforms():
-        return Compose([LoadImaged(["image", "label"]), EnsureChannelFirstd(["image", "label"])])
-
-    def build_dataset(prep_dir, ids, kind, patch_size, num_classes, num_samples, cache=True):
-        prep_dir = Path(prep_dir)
-        man = json.loads((prep_dir / "dataset.json").read_text())
-        cases = {c["id"]: c for c in man["cases"]}
-        data = [{"id": i, "image": str(prep_dir / cases[i]["image"]),
-                 **({"label": str(prep_dir / cases[i]["label"])} if kind != "unlabeled" else {})} for i in ids]
-        t = {"labeled": lambda: labeled_transforms(patch_size, num_classes, num_samples),
-             "unlabeled": lambda: unlabeled_transforms(patch_size, num_samples),
-             "eval": eval_transforms}[kind]()
-        return CacheDataset(data, t, progress=False) if cache else Dataset(data, t)
-
-    mod = types.ModuleType("medseg_dpl.data.pipelines")
-    mod.build_dataset = build_dataset
-    return mod
-
-
-def ensure_data_api() -> None:
-    """Make ``medseg_dpl.data.{load_manifest, read_split, pipelines.build_dataset}`` importable."""
-    import medseg_dpl.data as data
-    try:
-        import medseg_dpl.data.pipelines  # noqa: F401
-    except ImportError:
-        sys.modules["medseg_dpl.data.pipelines"] = _fallback_module()
-    if not hasattr(data, "load_manifest"):
-        data.load_manifest = lambda root: json.loads((Path(root) / "dataset.json").read_text())
-    if not hasattr(data, "read_split"):
-        data.read_split = lambda root, name: (Path(root) / "splits" / f"{name}.txt").read_text().split()
 
 
 def tiny_cfg(prep: Path, method: str, *overrides: str) -> dict:

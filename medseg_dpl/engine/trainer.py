@@ -460,7 +460,8 @@ def train(cfg: dict, out_dir, resume: bool = False) -> dict:
         result["final_dice"] = {c: float(v) for c, v in zip(organs, last_dice.tolist())}
         result["final_dice_mean"] = float(np.nanmean(last_dice)) if np.isfinite(last_dice).any() else 0.0
         report_ids = unlabeled_ids or read_split(root, d["unlabeled_split"])
-        report_ds = _report_dataset(root, manifest, report_ids, build_dataset, patch, C)
+        # whole volumes; the eval pipeline includes a label where the case has one
+        report_ds = build_dataset(root, report_ids, "eval", patch, C, 1, False)
         report = pseudo_label_report(algo, unwrap(algo.inference_network()), report_ds, cfg, classes, prior, device)
         with atomic_path(out_dir / "pseudo_labels.json") as tmp:
             tmp.write_text(json.dumps(report, indent=1))
@@ -472,19 +473,3 @@ def train(cfg: dict, out_dir, resume: bool = False) -> dict:
         writer.close()
     _barrier()
     return result
-
-
-def _report_dataset(root: Path, manifest: dict, ids: list[str], build_dataset, patch, C):
-    """Whole unlabeled volumes: the eval pipeline for cases with a label, image-only otherwise."""
-    cases = {c["id"]: c for c in manifest["cases"]}
-    with_label = [i for i in ids if cases[i].get("label")]
-    without = [i for i in ids if not cases[i].get("label")]
-    parts = []
-    if with_label:
-        parts.append(build_dataset(root, with_label, "eval", patch, C, 1, False))
-    if without:
-        from monai.data import Dataset
-        from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
-        parts.append(Dataset([{"image": str(root / cases[i]["image"])} for i in without],
-                             Compose([LoadImaged("image"), EnsureChannelFirstd("image")])))
-    return torch.utils.data.ConcatDataset(parts) if len(parts) > 1 else parts[0]
