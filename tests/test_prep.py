@@ -17,6 +17,8 @@ from medseg_dpl.data.preprocess import (DEFAULT_CLIP, preprocess_arrays, preproc
                                         resample)
 from medseg_dpl.data.splits import make_splits
 
+from data_helpers import write_dicom_series
+
 QUIET = dict(workers=1, progress=False)
 
 
@@ -242,32 +244,6 @@ def test_real_ct_resampled_and_mapped_back(tmp_path, shared_data):
 
 
 # ----------------------------------------------------------------------------- DICOM
-def write_dicom_series(image_path: Path, out_dir: Path, series_uid: str = "1.2.826.0.1.3680043.2.1125.1") -> None:
-    """Write a NIfTI CT as a DICOM CT series (one file per slice) with SimpleITK."""
-    import SimpleITK as sitk
-
-    img = sitk.Cast(sitk.ReadImage(str(image_path)), sitk.sitkInt16)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    d = img.GetDirection()
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    common = [("0008|0060", "CT"), ("0008|0008", "ORIGINAL\\PRIMARY\\AXIAL"),
-              ("0020|000d", series_uid + ".0"), ("0020|000e", series_uid),
-              ("0020|0037", "\\".join(f"{v:.6f}" for v in (d[0], d[3], d[6], d[1], d[4], d[7]))),
-              ("0010|0010", "test^ct"), ("0008|103e", "written by medseg-dpl tests"),
-              ("0028|1053", "1"), ("0028|1052", "0")]
-    for k in range(img.GetDepth()):
-        sl = img[:, :, k]
-        for tag, val in common:
-            sl.SetMetaData(tag, val)
-        sl.SetMetaData("0020|0032", "\\".join(f"{v:.6f}" for v in img.TransformIndexToPhysicalPoint((0, 0, k))))
-        sl.SetMetaData("0020|0013", str(k + 1))
-        sl.SetMetaData("0008|0018", f"{series_uid}.{k + 1}")
-        sl.SetMetaData("0018|0050", f"{img.GetSpacing()[2]:.6f}")
-        writer.SetFileName(str(out_dir / f"slice{k:04d}.dcm"))
-        writer.Execute(sl)
-
-
 @pytest.fixture(scope="module")
 def dicom_series(tmp_path_factory, shared_data) -> Path:
     root = tmp_path_factory.mktemp("dicom")
