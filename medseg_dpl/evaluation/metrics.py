@@ -78,10 +78,16 @@ def _prepare(pred, target, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     return pred, target
 
 
+def _confusion(pred: np.ndarray, target: np.ndarray, num_classes: int) -> np.ndarray:
+    """``(C, C)`` voxel counts, ``[t, p]`` = voxels of class t in target and p in pred (one pass)."""
+    idx = target.astype(np.int64) * num_classes
+    idx += pred
+    return np.bincount(idx.ravel(), minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
 def _organ_boxes(pred: np.ndarray, target: np.ndarray, num_classes: int):
-    """Per organ 1..C-1: (count_pred, count_target, union box as slices with 1-voxel margin or None)."""
-    cp = np.bincount(pred.ravel(), minlength=num_classes)
-    ct = np.bincount(target.ravel(), minlength=num_classes)
+    """Per organ 1..C-1: the union bounding box of pred and target as slices with a 1-voxel
+    margin (clipped to the volume), or None if absent in both."""
     # find_objects: one pass per volume gives every label's bounding box (None if absent)
     bp = ndimage.find_objects(pred, max_label=num_classes - 1)
     bt = ndimage.find_objects(target, max_label=num_classes - 1)
@@ -89,20 +95,12 @@ def _organ_boxes(pred: np.ndarray, target: np.ndarray, num_classes: int):
     for c in range(1, num_classes):
         boxes = [b for b in (bp[c - 1], bt[c - 1]) if b is not None]
         if not boxes:
-            out.append((0, 0, None))
+            out.append(None)
             continue
-        box = tuple(slice(max(min(b[d].start for b in boxes) - 1, 0),
-                          min(max(b[d].stop for b in boxes) + 1, pred.shape[d]))
-                    for d in range(pred.ndim))
-        out.append((int(cp[c]), int(ct[c]), box))
+        out.append(tuple(slice(max(min(b[d].start for b in boxes) - 1, 0),
+                               min(max(b[d].stop for b in boxes) + 1, pred.shape[d]))
+                         for d in range(pred.ndim)))
     return out
-
-
-def _dice_crop(p: np.ndarray, t: np.ndarray) -> float:
-    from monai.metrics import compute_dice
-    yp = torch.from_numpy(p)[None, None].float()
-    yt = torch.from_numpy(t)[None, None].float()
-    return float(compute_dice(yp, yt, include_background=True, ignore_empty=False)[0, 0])
 
 
 def dice_per_class(pred, target, num_classes: int) -> np.ndarray:
@@ -129,7 +127,7 @@ def organ_metrics(pred, target, num_classes: int, spacing: Sequence[float] | Non
     ``penalty``: distance recorded for an organ present in only one map (standard protocol;
     default the image diagonal in mm).
     """
-    from monai.metrics.utils import get_edge_surface_distance
+    from monai.metrics.utils import get_mask_edges, get_surface_distance
 
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
@@ -146,26 +144,34 @@ def organ_metrics(pred, target, num_classes: int, spacing: Sequence[float] | Non
 
     n = num_classes - 1
     dice, hd95, asd = np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan)
-    for k, (np_, nt, box) in enumerate(_organ_boxes(pred, target, num_classes)):
+    conf = _confusion(pred, target, num_classes)
+    n_pred, n_target, n_both = conf.sum(0), conf.sum(1), np.diag(conf)
+    boxes = _organ_boxes(pred, target, num_classes) if distances else [None] * n
+    for k in range(n):
         c = k + 1
-        if np_ == 0 and nt == 0:
+        if n_pred[c] == 0 and n_target[c] == 0:
             if protocol == "dhc":
                 dice[k], hd95[k], asd[k] = 1.0, 0.0, 0.0
             continue
-        if np_ == 0 or nt == 0:
-            dice[k] = 0.0
-            if distances:
-                hd95[k] = asd[k] = miss
-            continue
-        p, t = pred[box] == c, target[box] == c
-        dice[k] = _dice_crop(p, t)
+        # Dice = 2|P∩T| / (|P| + |T|) from the confusion matrix: the formula of MONAI's
+        # compute_dice (tests check equality) without building any one-hot volume.
+        dice[k] = 2.0 * n_both[c] / (n_pred[c] + n_target[c])
         if not distances:
             continue
+        if n_pred[c] == 0 or n_target[c] == 0:
+            hd95[k] = asd[k] = miss
+            continue
+        box = boxes[k]
+        p, t = torch.from_numpy(pred[box] == c), torch.from_numpy(target[box] == c)
+        # MONAI's edge + distance functions (what compute_hausdorff_distance and
+        # compute_average_surface_distance call), on the crop; crop=False because the crop
+        # is already tight, and its 1-voxel margin (or the volume border, where erosion
+        # treats the outside as background, like MONAI's zero padding) keeps edges exact.
         with warnings.catch_warnings():  # MONAI passes its own deprecated argument internally
             warnings.simplefilter("ignore", FutureWarning)
-            _, (d_pt, d_tp), _ = get_edge_surface_distance(
-                torch.from_numpy(p), torch.from_numpy(t), distance_metric="euclidean",
-                spacing=dist_spacing, symmetric=True, class_index=c)
+            ep, et = get_mask_edges(p, t, crop=False)
+        d_pt = get_surface_distance(ep, et, "euclidean", dist_spacing)
+        d_tp = get_surface_distance(et, ep, "euclidean", dist_spacing)
         d_pt, d_tp = d_pt.double().numpy(), d_tp.double().numpy()
         if protocol == "dhc":
             hd95[k] = np.percentile(np.concatenate([d_pt, d_tp]), 95)
