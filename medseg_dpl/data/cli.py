@@ -30,11 +30,12 @@ def cmd_phantom(args) -> int:
     from medseg_dpl.data.phantom import make_phantom
 
     try:
+        extra = {} if args.shape is None else {"shape": tuple(args.shape)}
         written = make_phantom(args.out, layout=args.layout, cases=args.cases, seed=args.seed,
-                               shape=tuple(args.shape), spacing=args.spacing, progress=True)
+                               spacing=args.spacing, progress=True, **extra)
     except _data_errors() as exc:
         return _error(str(exc))
-    print(f"wrote a {args.layout} phantom of {args.cases} case(s) to {args.out} "
+    print(f"wrote a phantom of {args.cases} case(s) in the {args.layout} layout to {args.out} "
           f"({len(written)} files; seed {args.seed})")
     return 0
 
@@ -118,7 +119,8 @@ def register(subparsers) -> None:
     p.add_argument("--cases", type=int, default=8)
     p.add_argument("--out", required=True, help="raw data folder to write")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shape", type=int, nargs=3, default=(80, 80, 64), metavar=("X", "Y", "Z"))
+    p.add_argument("--shape", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
+                   help="voxels per case (default: the phantom's, 80 80 64)")
     p.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"),
                    help="fixed voxel size in mm (default: random per case, fitting the body)")
     p.set_defaults(func=cmd_phantom)

@@ -373,8 +373,9 @@ def preprocess_dataset(dataset: str, raw, out, spacing: Sequence[float] | None =
     ``spacing`` defaults to :func:`default_spacing` (coarser of MIN_SPACING and the median); ``classes`` (nifti/dicom only): a
     dataset name, comma-separated names, or a list; default: inferred from the largest label.
     Raises :class:`medseg_dpl.data.check.CheckError` (listing every problem) before ``out``
-    is created when the raw data are bad. Cases already done with the same settings are
-    skipped. Prints the imbalance table to ``stream`` (default stdout; None-able via progress).
+    is created when the raw data are bad. Cases already done with the same settings (and
+    unchanged sources) are skipped. Prints a summary and the imbalance table (per-class voxel
+    counts of the labeled cases) to ``stream`` (default stdout).
     """
     from medseg_dpl.data.check import CheckError, default_workers, make_executor, parallel_map, run_check
     from medseg_dpl.data.labels import DATASET_CLASSES
