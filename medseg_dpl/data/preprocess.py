@@ -10,8 +10,8 @@ Per case, in this order (:func:`preprocess_arrays`, shared by prep and predict):
    ``torch``'s ``align_corners=False``), edges replicate. An axis already at the target
    spacing is copied untouched, so a 3 mm scan prepped at 3 mm is bit-exact.
 3. **Crop to the body**: voxels > ``BODY_HU`` (-500 HU: soft tissue and bone, not air), the
-   largest 6-connected component, its bounding box + ``BODY_MARGIN_MM`` per side. No body
-   found (e.g. MRI intensities) → no crop.
+   largest 6-connected component, its bounding box + ``BODY_MARGIN_MM`` per side (found on
+   every 2nd voxel for volumes over 4 M voxels). No body found (e.g. MRI intensities) → no crop.
 4. **Clip** HU to ``clip`` and scale linearly to [0, 1] (float32).
 
 The affine written is the true world affine of the final grid; ``original`` (shape, affine,
@@ -59,6 +59,7 @@ def default_spacing(dataset: str, case_spacings: Sequence[Sequence[float]]) -> t
 
 BODY_HU = -500.0
 BODY_MARGIN_MM = 10.0
+BODY_STRIDE_VOXELS = 4_000_000
 PREP_VERSION = 1  # bump when the math changes: cases done by an older version are redone
 
 
@@ -147,16 +148,19 @@ def resample(array: np.ndarray, affine: np.ndarray, spacing: Sequence[float], or
 
 def body_box(hu: np.ndarray, spacing: Sequence[float], threshold: float = BODY_HU,
              margin_mm: float = BODY_MARGIN_MM) -> list[list[int]]:
-    """[[x0, x1], [y0, y1], [z0, z1]] (half-open) around the largest component above ``threshold``."""
+    """[[x0, x1], [y0, y1], [z0, z1]] (half-open) around the largest component above ``threshold``.
+
+    Volumes over ``BODY_STRIDE_VOXELS`` are searched on every 2nd voxel per axis (8x less
+    work; the box is widened by the skipped voxel, and the margin dwarfs it).
+    """
     from scipy import ndimage
 
     full = [[0, int(n)] for n in hu.shape]
-    mask = hu > threshold
+    step = 2 if hu.size > BODY_STRIDE_VOXELS else 1
+    mask = hu[::step, ::step, ::step] > threshold
     if not mask.any():
         return full
     lab, n = ndimage.label(mask)
-    if n == 0:
-        return full
     sizes = np.bincount(lab.ravel())
     sizes[0] = 0
     k = int(np.argmax(sizes))
@@ -164,7 +168,8 @@ def body_box(hu: np.ndarray, spacing: Sequence[float], threshold: float = BODY_H
     box = []
     for ax, s in enumerate(sl):
         m = int(np.ceil(margin_mm / float(spacing[ax])))
-        box.append([max(0, s.start - m), min(hu.shape[ax], s.stop + m)])
+        lo, hi = s.start * step - (step - 1), s.stop * step
+        box.append([max(0, lo - m), min(hu.shape[ax], hi + m)])
     return box
 
 
