@@ -145,6 +145,10 @@ def test_prep_skips_done_cases_and_rewrites_nothing(phantom_raw, phantom_prep):
     assert {p: p.stat().st_mtime_ns for p in (phantom_prep / "imagesTr").iterdir()} == before
     assert "right_adrenal_gland" in out  # the imbalance table
     assert not list(phantom_prep.rglob(".*.tmp*"))  # no temp files left by atomic writes
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in [phantom_prep / "dataset.json", *(phantom_prep / "imagesTr").iterdir()]:
+        assert p.stat().st_mode & 0o777 == 0o666 & ~umask, p   # not mkstemp's 0600
 
 
 def test_amos_phantom_layout_two_workers(tmp_path):
