@@ -72,7 +72,10 @@ def test_preprocess_arrays_clip_scale_and_crop():
     img[12, 10, 8] = 3000                        # bone above the window
     img[2, 2, 2] = 200                           # one bright voxel outside the body: not kept
     aff = np.diag([2.0, 2.0, 3.0, 1.0])
+    img = img.astype(np.float32)
+    before = img.copy()
     out, _, a, meta = preprocess_arrays(img, aff, (2.0, 2.0, 3.0), clip=(-100, 100))
+    assert np.array_equal(img, before)           # the caller's array is not modified
     # margin BODY_MARGIN_MM = 10 mm: 5 voxels at 2 mm, 4 at 3 mm; the lone voxel is not the body
     assert meta["crop_box"] == [[5, 35], [0, 30], [0, 20]]
     assert out.dtype == np.float32 and out.shape == (30, 30, 20)

@@ -192,7 +192,9 @@ def preprocess_arrays(image: np.ndarray, affine: np.ndarray, spacing: Sequence[f
     resampled_shape = [int(n) for n in img.shape]
     box = body_box(img, spacing)
     crop = tuple(slice(a, b) for a, b in box)
-    img = img[crop]
+    # A copy of the crop: the input may be the caller's float32 array (no axis resampled) or a
+    # read-only memmap, and the in-place ops below must touch neither.
+    img = np.array(img[crop], dtype=np.float32, order="K")
     np.clip(img, lo, hi, out=img)
     img -= lo
     img *= np.float32(1.0 / (hi - lo))
@@ -211,7 +213,6 @@ def preprocess_arrays(image: np.ndarray, affine: np.ndarray, spacing: Sequence[f
         total = int(np.count_nonzero(lab))
         lab_out = np.array(lab[crop], order="K")
         meta["label_outside_crop"] = total - int(np.count_nonzero(lab_out))
-    img = np.array(img, order="K")  # own the cropped voxels; keep NIfTI (Fortran) order
     meta.update({"resampled_shape": resampled_shape, "crop_box": box,
                  "shape": [int(n) for n in img.shape], "affine": aff.tolist(),
                  "spacing": [float(v) for v in voxel_spacing(aff)]})
