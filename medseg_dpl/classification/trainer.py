@@ -143,6 +143,8 @@ def train_classifier(cfg: dict, out_dir: str | Path | None = None, progress: boo
     _check(cfg)
     t0 = time.time()
     seed_everything(cfg["seed"])
+    if cfg["train"]["num_threads"] > 0:
+        torch.set_num_threads(cfg["train"]["num_threads"])
     device = resolve_device(cfg["train"]["device"])
     data = data if data is not None else build_data(cfg)
     mcfg, tcfg, ocfg = cfg["method"], cfg["train"], cfg["optim"]
