@@ -4,23 +4,25 @@ All functions take integer label maps ``pred`` and ``target`` of shape ``(X, Y, 
 torch, any integer dtype; values in ``[0, num_classes)``) and return arrays of shape
 ``(num_classes - 1,)``: entry ``k`` is organ ``k + 1`` (background is never scored).
 
-Speed: each organ is cropped to the bounding box of ``pred ∪ target`` plus a 1-voxel margin
-(``scipy.ndimage.find_objects`` finds every organ's box in one pass over each volume), and only
-that crop is made binary and handed to MONAI. Voxels outside the box are background in both
-maps, so Dice and surface distances equal the full-volume values (tests check this against
-MONAI's full-volume ``compute_dice`` / ``compute_hausdorff_distance`` /
-``compute_average_surface_distance``).
-
-Both directed surface distance sets (pred→truth, truth→pred) come from one call to MONAI's
-``get_edge_surface_distance`` (the function MONAI's HD and ASD metrics call), so the edges and
-distances are computed once per organ and both HD95 and ASD are derived from them.
+Speed: no one-hot volume is ever built. Dice comes from one confusion-matrix pass
+(``np.bincount`` of ``target * C + pred``): ``2|P∩T| / (|P| + |T|)``, MONAI ``compute_dice``'s
+formula. For the distances each organ is cropped to the bounding box of ``pred ∪ target`` plus
+a 1-voxel margin (``scipy.ndimage.find_objects`` finds every organ's box in one pass over each
+volume) and only that crop is made binary and handed to MONAI's ``get_mask_edges`` and
+``get_surface_distance`` (the functions MONAI's ``compute_hausdorff_distance`` and
+``compute_average_surface_distance`` call: binary-erosion edges, exact Euclidean distances
+scaled by the spacing). Both directed distance sets (pred→truth, truth→pred) are computed once
+per organ and HD95 and ASD derived from them. Voxels outside the box are background in both
+maps, so every value equals MONAI's full-volume one (tests check this against
+``compute_dice`` / ``compute_hausdorff_distance`` / ``compute_average_surface_distance`` on
+the whole one-hot volumes).
 
 Protocols (how empty organs and distances are defined):
 
 ``"standard"`` (default)
     distances in millimetres using ``spacing``.
-    Dice = MONAI ``compute_dice``; HD95 = MONAI ``compute_hausdorff_distance(percentile=95)``
-    (max of the two directed 95th percentiles); ASD = MONAI
+    Dice as MONAI ``compute_dice``; HD95 as MONAI ``compute_hausdorff_distance(percentile=95)``
+    (max of the two directed 95th percentiles); ASD as MONAI
     ``compute_average_surface_distance(symmetric=True)`` (mean over both directed sets).
     Organ absent in both -> Dice, HD95, ASD all NaN (excluded from every mean).
     Organ absent in exactly one -> Dice 0 and HD95 = ASD = the penalty, by default the image
@@ -34,7 +36,10 @@ Protocols (how empty organs and distances are defined):
     HD95 = medpy ``hd95`` (95th percentile of both directed sets pooled), voxel units.
     Absent in both -> Dice 1, ASD 0, HD95 0 (counted in the means, as DHC does);
     absent in exactly one -> Dice 0, ASD 128, HD95 128 (DHC's constant). Means over cases per
-    organ, then over organs; no NaN.
+    organ, then over organs; no NaN. Caveat: DHC scores on its own resampled grid (Synapse:
+    labels resized nearest to half the in-plane size; AMOS: to 1.125 x the patch size), so its
+    voxel-unit ASD equals ours only when the label maps given here are on that grid; Dice is
+    nearly grid-independent.
 """
 from __future__ import annotations
 
