@@ -147,7 +147,7 @@ def main(argv=None) -> int:
         for ov, t in inf.items():
             print(f"| overlap {ov} | {t:.2f} |")
     if args.json:
-        with open(args.json, "w") as f:
+        with open(args.json, "w", encoding="utf-8") as f:
             json.dump(r, f, indent=2)
     return 0
 

@@ -18,7 +18,7 @@ from medseg_dpl.evaluation.evaluate import EvalError, evaluate_checkpoint, evalu
 @pytest.fixture(scope="module")
 def evaluated(phantom_prep, tmp_path_factory):
     """A tiny untrained checkpoint evaluated on the phantom's test split (via the CLI)."""
-    m = json.loads((phantom_prep / "dataset.json").read_text())
+    m = json.loads((phantom_prep / "dataset.json").read_text(encoding="utf-8"))
     run = tmp_path_factory.mktemp("run_supervised")
     ckpt = make_checkpoint(run / "checkpoints" / "best.pt", classes=m["classes"], spacing=m["spacing"])
     rc = main(["eval", "--checkpoint", str(ckpt), "--data", str(phantom_prep), "--split", "test",
@@ -28,7 +28,7 @@ def evaluated(phantom_prep, tmp_path_factory):
 
 
 def _read_csv(path):
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
 
 
@@ -37,15 +37,15 @@ def test_eval_checkpoint_outputs(evaluated, phantom_prep):
     out = run / "eval"
     rows = _read_csv(out / "per_case.csv")
     assert list(rows[0]) == ["case", "organ", "dice", "hd95", "asd"]
-    test_ids = (phantom_prep / "splits" / "test.txt").read_text().split()
+    test_ids = (phantom_prep / "splits" / "test.txt").read_text(encoding="utf-8").split()
     assert sorted({r["case"] for r in rows}) == sorted(test_ids)
     assert len(rows) == len(test_ids) * (len(m["classes"]) - 1)
-    s = json.loads((out / "summary.json").read_text())
+    s = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert s["organs"] == m["classes"][1:] and s["num_cases"] == len(test_ids)
     for key in ("dice", "hd95", "asd"):
         assert set(s["overall"][key]) >= {"mean", "std"}
         assert set(s["per_organ"]["liver"][key]) == {"mean", "std", "n"}
-    md = (out / "results.md").read_text()
+    md = (out / "results.md").read_text(encoding="utf-8")
     header = md.splitlines()[0]
     assert "Avg. Dice" in header and "Avg. ASD" in header
     assert all(f" {short} |" in header for short in ("Sp", "RK", "Li", "IVC", "LAG"))
@@ -69,7 +69,7 @@ def test_eval_checkpoint_outputs(evaluated, phantom_prep):
 
 def _label_copies(phantom_prep, tmp_path, ids):
     """Ground-truth files of ``ids`` as ``label<id>.nii.gz`` and predictions copied from them."""
-    m = json.loads((phantom_prep / "dataset.json").read_text())
+    m = json.loads((phantom_prep / "dataset.json").read_text(encoding="utf-8"))
     by_id = {c["id"]: c for c in m["cases"]}
     labels, preds = tmp_path / "labels", tmp_path / "preds"
     labels.mkdir()
@@ -81,7 +81,7 @@ def _label_copies(phantom_prep, tmp_path, ids):
 
 
 def test_perfect_predictions_score_one(phantom_prep, tmp_path, capsys):
-    ids = (phantom_prep / "splits" / "test.txt").read_text().split()
+    ids = (phantom_prep / "splits" / "test.txt").read_text(encoding="utf-8").split()
     labels, preds = _label_copies(phantom_prep, tmp_path, ids)
     assert main(["eval", "--pred", str(preds), "--labels", str(labels), "--dataset", "synapse",
                  "--out", str(tmp_path / "rep"), "--overlays", "0"]) == 0
@@ -90,7 +90,7 @@ def test_perfect_predictions_score_one(phantom_prep, tmp_path, capsys):
     present = [r for r in rows if r["dice"] != "nan"]
     assert present and all(float(r["dice"]) == 1.0 for r in present)
     assert all(float(r["hd95"]) == 0.0 and float(r["asd"]) == 0.0 for r in present)
-    s = json.loads((tmp_path / "rep" / "summary.json").read_text())
+    s = json.loads((tmp_path / "rep" / "summary.json").read_text(encoding="utf-8"))
     assert s["overall"]["dice"]["mean"] == 1.0
     # DHC protocol: organs absent in both count as Dice 1, so everything is 1
     s = evaluate_predictions(preds, labels, tmp_path / "dhc", classes="synapse", protocol="dhc",
@@ -100,7 +100,7 @@ def test_perfect_predictions_score_one(phantom_prep, tmp_path, capsys):
 
 
 def test_eval_predictions_errors(phantom_prep, tmp_path, capsys):
-    ids = (phantom_prep / "splits" / "test.txt").read_text().split()
+    ids = (phantom_prep / "splits" / "test.txt").read_text(encoding="utf-8").split()
     labels, preds = _label_copies(phantom_prep, tmp_path, ids)
     (preds / f"img{ids[0]}.nii.gz").unlink()
     with pytest.raises(EvalError, match=f"label{ids[0]}"):
@@ -111,7 +111,7 @@ def test_eval_predictions_errors(phantom_prep, tmp_path, capsys):
 
 def test_compare_runs_and_seeds(evaluated, phantom_prep, tmp_path):
     run, _ = evaluated
-    ids = (phantom_prep / "splits" / "test.txt").read_text().split()
+    ids = (phantom_prep / "splits" / "test.txt").read_text(encoding="utf-8").split()
     labels, preds = _label_copies(phantom_prep, tmp_path, ids)
     perfect = tmp_path / "oracle_seed1"
     evaluate_predictions(preds, labels, perfect / "eval", classes="synapse", num_overlays=0,
@@ -121,9 +121,9 @@ def test_compare_runs_and_seeds(evaluated, phantom_prep, tmp_path):
     assert set(table["methods"]) == {"supervised", "oracle"}
     assert table["methods"]["oracle"]["n"] == 2
     assert table["methods"]["oracle"]["avg_dice"] == [1.0, 0.0]
-    sup = json.loads((run / "eval" / "summary.json").read_text())
+    sup = json.loads((run / "eval" / "summary.json").read_text(encoding="utf-8"))
     assert table["methods"]["supervised"]["avg_dice"][0] == pytest.approx(sup["overall"]["dice"]["mean"])
     for f in ("compare.md", "compare.json", "compare_dice.png"):
         assert (tmp_path / "cmp" / f).stat().st_size > 0
     assert main(["compare", str(run), str(perfect), "--out", str(tmp_path / "cmp2")]) == 0
-    assert "oracle" in (tmp_path / "cmp2" / "compare.md").read_text()
+    assert "oracle" in (tmp_path / "cmp2" / "compare.md").read_text(encoding="utf-8")

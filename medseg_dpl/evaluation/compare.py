@@ -46,7 +46,7 @@ def _load(run_dir) -> dict:
     d = find_summary(run_dir)
     p = d if d.is_file() else d / "summary.json"
     try:
-        return json.loads(p.read_text())
+        return json.loads(p.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise CompareError(f"{p}: unreadable summary ({exc})") from exc
 
@@ -112,9 +112,9 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLi
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         with atomic_path(out / "compare.json") as tmp:
-            tmp.write_text(json.dumps(table, indent=2))
+            tmp.write_text(json.dumps(table, indent=2), encoding="utf-8")
         with atomic_path(out / "compare.md") as tmp:
-            tmp.write_text(compare_markdown(table))
+            tmp.write_text(compare_markdown(table), encoding="utf-8")
         plot_grouped_dice(table, out / "compare_dice.png")
     return table
 

@@ -216,16 +216,16 @@ def write_report(rows: list[dict], organs: Sequence[str], out_dir: str | os.Path
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "per_case.csv") as tmp:
-        with open(tmp, "w", newline="") as f:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
             w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
             w.writeheader()
             for r in rows:
                 w.writerow({k: (f"{r[k]:.6f}" if isinstance(r[k], float) else r[k]) for k in CSV_COLUMNS})
     summary = summarize(rows, organs, protocol, {"method": method, **(extra or {})})
     with atomic_path(out / "summary.json") as tmp:
-        tmp.write_text(json.dumps(summary, indent=2))
+        tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8")
     with atomic_path(out / "results.md") as tmp:
-        tmp.write_text(markdown_table(summary, method))
+        tmp.write_text(markdown_table(summary, method), encoding="utf-8")
     plot_dice_bars(summary, out / "dice_per_organ.png", title=f"{method}: Dice per organ")
     return summary
 
