@@ -238,6 +238,75 @@ def pseudo_label_report(algo, net: nn.Module, dataset, cfg: dict, classes: list[
     return report
 
 
+# ----------------------------------------------------------------------------- one step
+def build_training(cfg: dict, num_classes: int, prior: torch.Tensor, device: torch.device,
+                   world: int = 1):
+    """The method with its network(s) on ``device`` (DDP-wrapped when ``world > 1``, compiled
+    if asked), its EMA teacher (or None), the optimiser, the GradScaler and the parameter list."""
+    t, m, o = cfg["train"], cfg["method"], cfg["optim"]
+    method_cls = get_method(m["name"])
+    seed_all(t["seed"])
+    student = build_model(cfg["model"], 1, num_classes)
+    extra = {}
+    if m["name"] == "cps_depl":
+        seed_all(t["seed"] + 1)  # the second network differs by its initialisation
+        extra["student2"] = build_model(cfg["model"], 1, num_classes)
+    algo = method_cls(student, cfg, num_classes, prior, **extra)
+    teacher = None
+    if algo.uses_teacher:
+        teacher = ModelEMA(student, momentum=t["ema_momentum"])
+        algo.attach_teacher(teacher)
+    algo.to(device)
+    for name, net in algo.trained_networks().items():
+        if world > 1:
+            net = nn.parallel.DistributedDataParallel(
+                net, device_ids=[device.index] if device.type == "cuda" else None)
+        if t["compile"]:
+            net = torch.compile(net)
+        setattr(algo, name, net)
+    params = [p for net in algo.trained_networks().values() for p in net.parameters()]
+    if o["name"] == "sgd":
+        optimizer = torch.optim.SGD(params, lr=o["lr"], momentum=o["momentum"], nesterov=o["nesterov"],
+                                    weight_decay=o["weight_decay"])
+    elif o["name"] == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=o["lr"], weight_decay=o["weight_decay"])
+    else:
+        raise TrainingError(f"optim.name: expected sgd or adamw, got {o['name']!r}")
+    use_fp16 = device.type == "cuda" and t["amp"] == "fp16"
+    scaler = torch.amp.GradScaler(device.type, enabled=use_fp16)
+    return algo, teacher, optimizer, scaler, params
+
+
+class NonFiniteLoss(ArithmeticError):
+    """The step's loss is NaN or inf (on any rank); nothing was updated."""
+
+
+def optimisation_step(algo, batch: dict, step: int, optimizer, scaler, params, grad_clip: float,
+                      teacher: Optional[ModelEMA], device: torch.device, use_amp: bool,
+                      amp_dtype: torch.dtype, world: int = 1) -> tuple[torch.Tensor, dict]:
+    """Forward under autocast, finite check, backward, clip, optimiser step, EMA teacher update.
+
+    Raises :class:`NonFiniteLoss` before touching any weight when the loss is not finite.
+    """
+    with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
+        loss, logs = algo.train_step(batch, step)
+    finite = torch.isfinite(loss.detach()).float()
+    if world > 1:  # every rank must stop together
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if finite.item() < 1:
+        raise NonFiniteLoss(str(loss.item()))
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    if teacher is not None:
+        teacher.update(algo.student)
+    return loss, logs
+
+
 # ----------------------------------------------------------------------------- the run
 def train(cfg: dict, out_dir, resume: bool = False) -> dict:
     """Train as ``cfg`` says (a config merged with ``SEG_DEFAULTS``), writing ``out_dir``.
@@ -294,37 +363,10 @@ def train(cfg: dict, out_dir, resume: bool = False) -> dict:
     eval_ds = build_dataset(root, eval_ids, "eval", patch, C, 1, d["cache"]) if rank == 0 else None
 
     # model, method, optimiser -------------------------------------------------------------
-    seed_all(t["seed"])
-    student = build_model(cfg["model"], 1, C)
-    extra = {}
-    if m["name"] == "cps_depl":
-        seed_all(t["seed"] + 1)  # the second network differs by its initialisation
-        extra["student2"] = build_model(cfg["model"], 1, C)
-    algo = method_cls(student, cfg, C, prior, **extra)
-    teacher = None
-    if algo.uses_teacher:
-        teacher = ModelEMA(student, momentum=t["ema_momentum"])
-        algo.attach_teacher(teacher)
-    algo.to(device)
-    for name, net in algo.trained_networks().items():
-        if world > 1:
-            net = nn.parallel.DistributedDataParallel(
-                net, device_ids=[device.index] if device.type == "cuda" else None)
-        if t["compile"]:
-            net = torch.compile(net)
-        setattr(algo, name, net)
-    params = [p for net in algo.trained_networks().values() for p in net.parameters()]
+    algo, teacher, optimizer, scaler, params = build_training(cfg, C, prior, device, world)
     o = cfg["optim"]
-    if o["name"] == "sgd":
-        optimizer = torch.optim.SGD(params, lr=o["lr"], momentum=o["momentum"], nesterov=o["nesterov"],
-                                    weight_decay=o["weight_decay"])
-    elif o["name"] == "adamw":
-        optimizer = torch.optim.AdamW(params, lr=o["lr"], weight_decay=o["weight_decay"])
-    else:
-        raise TrainingError(f"optim.name: expected sgd or adamw, got {o['name']!r}")
     use_amp = device.type == "cuda" and t["amp"] != "none"
     amp_dtype = torch.float16 if t["amp"] == "fp16" else torch.bfloat16
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and t["amp"] == "fp16")
 
     start, best, best_step = 0, -math.inf, -1
     ckpt_dir = out_dir / "checkpoints"
@@ -384,28 +426,17 @@ def train(cfg: dict, out_dir, resume: bool = False) -> dict:
         for g in optimizer.param_groups:
             g["lr"] = lr
         seed_all(step_seed(t["seed"], step, rank, 999))  # dropout etc.: a function of the step
-        with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
-            loss, logs = algo.train_step(batch, step)
-        finite = torch.isfinite(loss.detach()).float()
-        if world > 1:
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if finite.item() < 1:
-            msg = (f"non-finite loss ({loss.item()}) at step {step}: stopping; the last good "
+        try:
+            loss, logs = optimisation_step(algo, batch, step, optimizer, scaler, params, o["grad_clip"],
+                                           teacher, device, use_amp, amp_dtype, world)
+        except NonFiniteLoss as exc:
+            msg = (f"non-finite loss ({exc}) at step {step}: stopping; the last good "
                    f"checkpoint ({ckpt_dir / 'last.pt'}) is kept")
             log.error(msg)
             bar.close()
             if writer:
                 writer.close()
-            raise TrainingError(msg)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if o["grad_clip"] > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, o["grad_clip"])
-        scaler.step(optimizer)
-        scaler.update()
-        if teacher is not None:
-            teacher.update(algo.student)
+            raise TrainingError(msg) from None
         done = step + 1
         bar.update(1)
 
