@@ -83,10 +83,14 @@ def _label_copies(phantom_prep, tmp_path, ids):
 def test_perfect_predictions_score_one(phantom_prep, tmp_path, capsys):
     ids = (phantom_prep / "splits" / "test.txt").read_text(encoding="utf-8").split()
     labels, preds = _label_copies(phantom_prep, tmp_path, ids)
+    m = json.loads((phantom_prep / "dataset.json").read_text(encoding="utf-8"))
+    extra = [c for c in m["cases"] if c["id"] not in ids][0]  # a label without prediction: not scored
+    shutil.copy(extra["source_label"], labels / f"label{extra['id']}.nii.gz")
     assert main(["eval", "--pred", str(preds), "--labels", str(labels), "--dataset", "synapse",
                  "--out", str(tmp_path / "rep"), "--overlays", "0"]) == 0
     assert "Avg. Dice" in capsys.readouterr().out
     rows = _read_csv(tmp_path / "rep" / "per_case.csv")
+    assert sorted({r["case"] for r in rows}) == sorted(ids)
     present = [r for r in rows if r["dice"] != "nan"]
     assert present and all(float(r["dice"]) == 1.0 for r in present)
     assert all(float(r["hd95"]) == 0.0 and float(r["asd"]) == 0.0 for r in present)
@@ -102,8 +106,8 @@ def test_perfect_predictions_score_one(phantom_prep, tmp_path, capsys):
 def test_eval_predictions_errors(phantom_prep, tmp_path, capsys):
     ids = (phantom_prep / "splits" / "test.txt").read_text(encoding="utf-8").split()
     labels, preds = _label_copies(phantom_prep, tmp_path, ids)
-    (preds / f"img{ids[0]}.nii.gz").unlink()
-    with pytest.raises(EvalError, match=f"label{ids[0]}"):
+    (labels / f"label{ids[0]}.nii.gz").unlink()
+    with pytest.raises(EvalError, match=f"img{ids[0]}"):  # a prediction without its label
         evaluate_predictions(preds, labels, tmp_path / "rep", classes="synapse", progress=False)
     assert main(["eval", "--pred", str(preds), "--labels", str(labels), "--out", str(tmp_path / "r")]) == 1
     assert "error:" in capsys.readouterr().err
@@ -127,3 +131,16 @@ def test_compare_runs_and_seeds(evaluated, phantom_prep, tmp_path):
         assert (tmp_path / "cmp" / f).stat().st_size > 0
     assert main(["compare", str(run), str(perfect), "--out", str(tmp_path / "cmp2")]) == 0
     assert "oracle" in (tmp_path / "cmp2" / "compare.md").read_text(encoding="utf-8")
+
+
+def test_eval_checkpoint_rejects_other_prep_spacing(phantom_prep, tmp_path, capsys):
+    m = json.loads((phantom_prep / "dataset.json").read_text(encoding="utf-8"))
+    ckpt = make_checkpoint(tmp_path / "best.pt", classes=m["classes"], spacing=(1.5, 1.5, 2.0))
+    assert main(["eval", "--checkpoint", str(ckpt), "--data", str(phantom_prep),
+                 "--out", str(tmp_path / "e"), "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert "spacing" in err and "best.pt" in err
+    with pytest.raises(EvalError, match="classes"):
+        evaluate_checkpoint(make_checkpoint(tmp_path / "c.pt", classes=m["classes"][:5],
+                                            spacing=m["spacing"]),
+                            phantom_prep, tmp_path / "e", device="cpu", progress=False)

@@ -269,6 +269,12 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data_dir: str | os.PathLi
     if classes != lm.classes:
         raise EvalError(f"{checkpoint}: classes {lm.classes} differ from {data_dir / 'dataset.json'} "
                         f"classes {classes}")
+    if not np.allclose(lm.spacing, manifest["spacing"], rtol=1e-4):
+        raise EvalError(f"{checkpoint}: trained at spacing {lm.spacing} mm but {data_dir} is prepped at "
+                        f"{manifest['spacing']} mm; score with `medseg-dpl predict` + `eval --pred` instead")
+    clip = (manifest.get("intensity") or {}).get("clip")
+    if clip is not None and not np.allclose(lm.clip, clip):
+        raise EvalError(f"{checkpoint}: trained with HU clip {lm.clip} but {data_dir} uses {clip}")
     organs = classes[1:]
     by_id = {c["id"]: c for c in manifest["cases"]}
     missing = [i for i in ids if i not in by_id]
@@ -336,27 +342,34 @@ def _match_key(name: str) -> str:
 
 
 def match_files(pred_dir: Path, label_dir: Path) -> list[tuple[str, Path, Path]]:
-    """Pair prediction and label files by case name (exact stem, else stem without a
-    ``label``/``img``/``pred``... prefix: ``img0001`` ↔ ``label0001``)."""
+    """Pair each prediction file with its label file by case name (exact stem, else stem
+    without a ``label``/``img``/``pred``... prefix: ``img0001`` ↔ ``label0001``).
+
+    Predictions drive: every prediction needs a label (else :class:`EvalError`); label files
+    without a prediction (e.g. the training cases of a full label folder) are not scored.
+    """
     from medseg_dpl.data.io import list_nifti, nifti_stem
     for d in (pred_dir, label_dir):
         if not Path(d).is_dir():
             raise EvalError(f"{d}: not a folder")
     labels = {nifti_stem(p): p for p in list_nifti(label_dir)}
     preds = {nifti_stem(p): p for p in list_nifti(pred_dir)}
-    if not labels:
-        raise EvalError(f"{label_dir}: no NIfTI label files")
+    if not preds:
+        raise EvalError(f"{pred_dir}: no NIfTI prediction files")
+    lkeys = {_match_key(k): p for k, p in labels.items()}
     pairs, missing = [], []
-    pkeys = {_match_key(k): p for k, p in preds.items()}
-    for stem, lp in labels.items():
-        pp = preds.get(stem) or pkeys.get(_match_key(stem))
-        if pp is None:
-            missing.append(stem)
+    for stem, pp in preds.items():
+        lp = labels.get(stem) or lkeys.get(_match_key(stem))
+        if lp is None:
+            missing.append(pp.name)
         else:
             pairs.append((_match_key(stem) or stem, pp, lp))
     if missing:
-        raise EvalError(f"{pred_dir}: no prediction for label(s) {', '.join(missing[:5])}"
-                        f"{' ...' if len(missing) > 5 else ''} from {label_dir}")
+        raise EvalError(f"{label_dir}: no label file for prediction(s) {', '.join(missing[:5])}"
+                        f"{' ...' if len(missing) > 5 else ''} from {pred_dir}")
+    if len(pairs) < len(labels):
+        log.info("scoring %d of the %d label files in %s (those with a prediction)",
+                 len(pairs), len(labels), label_dir)
     return pairs
 
 
