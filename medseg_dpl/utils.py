@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import torch
 
 
 @contextlib.contextmanager
@@ -28,13 +27,23 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        if tmp.exists():  # mkstemp makes 0600; give the file the usual mode under the umask
+            os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def seed_everything(seed: int) -> None:
+    import torch  # lazily: data worker processes import this module and need no torch
+
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

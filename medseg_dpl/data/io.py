@@ -13,12 +13,12 @@ point ``(x, y, z)`` is the RAS world point ``(-x, -y, z)`` and the RAS affine is
 """
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
+
+from medseg_dpl.utils import atomic_path
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -208,27 +208,6 @@ def read_header(path: str | os.PathLike) -> tuple[tuple[int, ...], np.ndarray]:
     return shape3, np.asarray(img.affine, dtype=np.float64)
 
 
-def _default_file_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
-    """``medseg_dpl.utils.atomic_path`` with the usual file mode (rw-r--r-- under umask 022).
-
-    ``atomic_path`` makes its temp file with ``mkstemp`` (mode 0600), which the rename keeps;
-    prepped data shared between users must stay readable.
-    """
-    from medseg_dpl.utils import atomic_path
-
-    with atomic_path(path) as tmp:
-        yield tmp
-        if tmp.exists():
-            os.chmod(tmp, _default_file_mode())
-
-
 def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike) -> None:
     """Write ``array`` with ``affine`` as both sform and qform (code 1 = scanner), units mm.
 
@@ -240,7 +219,7 @@ def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike) -
     img.header.set_xyzt_units("mm")
     img.set_sform(img.affine, code=1)
     img.set_qform(img.affine, code=1)
-    with atomic_output(path) as tmp:
+    with atomic_path(path) as tmp:
         nib.save(img, str(tmp))
 
 

@@ -309,7 +309,7 @@ def _case_done(out: Path, case, settings: dict) -> dict | None:
 
 def prep_case(case, out: str | os.PathLike, spacing, clip, num_classes: int) -> dict:
     """Preprocess one case into ``out`` (image, label, meta/<id>.json; each written atomically)."""
-    from medseg_dpl.data.io import atomic_output as atomic_path
+    from medseg_dpl.utils import atomic_path
 
     out = Path(out)
     settings = _settings(case, spacing, clip)
@@ -385,7 +385,7 @@ def preprocess_dataset(dataset: str, raw, out, spacing: Sequence[float] | None =
     """
     from medseg_dpl.data.check import CheckError, default_workers, make_executor, parallel_map, run_check
     from medseg_dpl.data.labels import DATASET_CLASSES
-    from medseg_dpl.data.io import atomic_output as atomic_path
+    from medseg_dpl.utils import atomic_path
 
     stream = sys.stdout if stream is None else stream
     out = Path(out)

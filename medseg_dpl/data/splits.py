@@ -90,7 +90,7 @@ def make_splits(prep_dir: str | os.PathLike, labeled: float | Sequence[float] | 
     on eval/test/labeled); train/eval/test and the lists of the requested fractions are taken
     from it, the lists it lacks are drawn as described in the module docstring.
     """
-    from medseg_dpl.data.io import atomic_output as atomic_path
+    from medseg_dpl.utils import atomic_path
 
     prep_dir = Path(prep_dir)
     manifest = load_manifest(prep_dir)
