@@ -198,12 +198,12 @@ def infer_probs(lm: LoadedModel, image: np.ndarray, overlap: float | None = None
 def write_labels(labels: np.ndarray, affine: np.ndarray, out_path: Path,
                  header: nib.Nifti1Header | None = None) -> Path:
     """Atomically write a uint8 label map with exactly ``affine`` (header copied when given)."""
-    hdr = None
-    if header is not None:
-        hdr = header.copy() if isinstance(header, nib.Nifti1Header) else None
+    # keep the source's header fields (units, description, ...) only from a NIfTI-1 source
+    hdr = header.copy() if type(header) is nib.Nifti1Header else None
     img = nib.Nifti1Image(labels.astype(np.uint8), affine, header=hdr)
     img.set_data_dtype(np.uint8)
     img.header["scl_slope"], img.header["scl_inter"] = 1.0, 0.0
+    img.header["cal_min"], img.header["cal_max"] = 0.0, 0.0
     img.set_sform(affine, code=1)
     img.set_qform(affine, code=1)
     with atomic_path(out_path) as tmp:
