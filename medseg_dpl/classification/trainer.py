@@ -141,10 +141,18 @@ def train_classifier(cfg: dict, out_dir: str | Path | None = None, progress: boo
     same for the final teacher over the whole unlabeled set, no augmentation), ``qhat``.
     """
     _check(cfg)
-    t0 = time.time()
-    seed_everything(cfg["seed"])
+    threads = torch.get_num_threads()
     if cfg["train"]["num_threads"] > 0:
         torch.set_num_threads(cfg["train"]["num_threads"])
+    try:
+        return _train(cfg, out_dir, progress, data)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(cfg: dict, out_dir, progress: bool, data: Optional[ClassificationData]) -> dict:
+    t0 = time.time()
+    seed_everything(cfg["seed"])
     device = resolve_device(cfg["train"]["device"])
     data = data if data is not None else build_data(cfg)
     mcfg, tcfg, ocfg = cfg["method"], cfg["train"], cfg["optim"]
