@@ -162,12 +162,12 @@ def run_demo(out: str | Path, quick: bool = False, labeled: float = 0.2,
                 reports.setdefault(method, []).append(json.loads(pl.read_text()))
 
     stage("5/5 tables and figures")
-    with open(out / "results.csv", "w", newline="") as f:
+    with open(out / "results.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=["method", "seed", "organ", "dice"])
         w.writeheader()
         w.writerows(rows)
     table = results_markdown(rows, organs, methods)
-    (out / "results.md").write_text(table)
+    (out / "results.md").write_text(table, encoding="utf-8")
     grouped = {"organs": organs, "methods": {}}
     for m in methods:
         dice = {}
