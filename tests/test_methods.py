@@ -1,6 +1,4 @@
 """Step math of the methods, checked against formulas written out independently in float64."""
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F

@@ -7,7 +7,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 
 from train_helpers import make_tiny_prep
@@ -51,8 +50,7 @@ def _run(prep, out, resume=False, slow=False, wait=True):
 
 
 def _final(out):
-    ck = torch.load(out / "checkpoints/last.pt", weights_only=True)
-    return ck
+    return torch.load(out / "checkpoints/last.pt", weights_only=True)
 
 
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
