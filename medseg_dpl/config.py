@@ -65,7 +65,11 @@ def _check_type(key: str, default: Any, value: Any) -> Any:
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return list(value)
     if isinstance(default, dict):
-        raise ConfigError(f"{key}: is a section; set its keys ({', '.join(default)})")
+        if default:
+            raise ConfigError(f"{key}: is a section; set its keys ({', '.join(default)})")
+        if not isinstance(value, Mapping):  # an empty-dict default is a free-form mapping
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
     return value
 
 

@@ -92,3 +92,12 @@ def test_parse_override():
     for bad in ("novalue", "=3", "a=[1,"):
         with pytest.raises(ConfigError):
             parse_override(bad)
+
+
+def test_empty_dict_default_is_a_free_mapping():
+    from medseg_dpl.config import ConfigError, load_config
+
+    cfg = load_config(None, ["extra.a=1"], {"extra": {}})
+    assert cfg["extra"] == {"a": 1}
+    with pytest.raises(ConfigError, match="extra"):
+        load_config(None, ["extra=3"], {"extra": {}})

@@ -74,3 +74,19 @@ def test_bad_momentum():
     for m in (1.0, -0.1):
         with pytest.raises(ValueError, match="momentum"):
             ModelEMA(_net(), momentum=m)
+
+
+def test_teacher_stays_in_eval_mode_when_parent_trains():
+    import torch
+    from torch import nn
+
+    from medseg_dpl.core.ema import ModelEMA
+
+    student = nn.Sequential(nn.Conv1d(1, 2, 1), nn.BatchNorm1d(2))
+    holder = nn.Module()
+    holder.teacher = ModelEMA(student, momentum=0.5)
+    holder.train()
+    assert not holder.teacher.module.training
+    before = holder.teacher.module[1].running_mean.clone()
+    holder.teacher(torch.randn(4, 1, 3) + 5.0)
+    assert torch.equal(holder.teacher.module[1].running_mean, before)

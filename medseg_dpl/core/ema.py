@@ -39,5 +39,10 @@ class ModelEMA(nn.Module):
             else:
                 t.copy_(s)
 
+    def train(self, mode: bool = True) -> "ModelEMA":
+        # The teacher stays in eval mode: a parent's .train() must not let its forward passes
+        # update BatchNorm statistics (those follow the student through update()).
+        return super().train(False)
+
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
