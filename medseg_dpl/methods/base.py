@@ -62,13 +62,6 @@ class Algorithm(nn.Module):
         """The EMA teacher (a ``ModelEMA``) built and updated by the trainer."""
         self.teacher = teacher
 
-    def train(self, mode: bool = True):
-        """Students follow ``mode``; the EMA teacher always stays in eval mode."""
-        super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()
-        return self
-
     def trained_networks(self) -> dict[str, nn.Module]:
         """Networks whose parameters the optimiser updates, by checkpoint key."""
         return {"student": self.student}
