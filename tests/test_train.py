@@ -47,6 +47,9 @@ def test_each_method_trains_and_writes_outputs(prep, tmp_path, method):
     for k in ("labeled_share", "pseudo_label_share", "true_share"):
         assert len(rep[k]) == 4 and sum(rep[k]) == pytest.approx(1.0, abs=1e-6) or sum(rep[k]) == 0
     assert 0.0 <= rep["pseudo_label_accuracy"] <= 1.0
+    for k in ("labeled", "pseudo_label", "true"):  # organs only, renormalised
+        assert len(rep["organ_share"][k]) == 3
+        assert sum(rep["organ_share"][k]) == pytest.approx(1.0, abs=1e-6) or sum(rep["organ_share"][k]) == 0
     # π is the labeled split's class frequency, not the whole data set's
     labs = [np.asanyarray(nib.load(str(prep / f"labelsTr/{i}.nii.gz")).dataobj)
             for i in (prep / "splits/labeled_20p.txt").read_text().split()]

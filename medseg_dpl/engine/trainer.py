@@ -219,11 +219,11 @@ def pseudo_label_report(algo, net: nn.Module, dataset, cfg: dict, classes: list[
     algo.train()
 
     def share(c):
-        return [float(v) for v in (c / c.sum().clamp_min(1))]
+        return [float(v) for v in (c / c.sum().clamp_min(1e-12))]
 
     def organ_share(c):
         c = c[1:]
-        return [float(v) for v in (c / c.sum().clamp_min(1))]
+        return [float(v) for v in (c / c.sum().clamp_min(1e-12))]
 
     report = {"method": algo.name, "classes": list(classes), "threshold": thr,
               "num_cases": len(dataset), "confident_fraction": kept / max(total, 1),
