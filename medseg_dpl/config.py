@@ -107,7 +107,7 @@ def load_config(path: str | Path | None, overrides: Iterable[str] = (),
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
         if not isinstance(data, Mapping):
@@ -123,4 +123,4 @@ def load_config(path: str | Path | None, overrides: Iterable[str] = (),
 
 
 def save_config(cfg: Mapping, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(dict(cfg), sort_keys=False))
+    Path(path).write_text(yaml.safe_dump(dict(cfg), sort_keys=False), encoding="utf-8")

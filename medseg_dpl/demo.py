@@ -159,7 +159,7 @@ def run_demo(out: str | Path, quick: bool = False, labeled: float = 0.2,
                              "dice": float("nan") if dice is None else dice})
             pl = run / "pseudo_labels.json"
             if method != "supervised" and pl.exists():
-                reports.setdefault(method, []).append(json.loads(pl.read_text()))
+                reports.setdefault(method, []).append(json.loads(pl.read_text(encoding="utf-8")))
 
     stage("5/5 tables and figures")
     with open(out / "results.csv", "w", newline="", encoding="utf-8") as f:

@@ -103,8 +103,9 @@ def test_cli_trains_debiaspl_on_digits_and_learns(tmp_path, capsys):
     out = tmp_path / "run"
     rc = main(["classify", "--config", str(CONFIGS / "digits_debiaspl.yaml"), "--out", str(out),
                "--no-progress", "train.steps=150", *FAST])
-    printed = capsys.readouterr().out
-    assert rc == 0, printed
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert rc == 0, printed + captured.err
     res = json.loads((out / "results.json").read_text())
     assert "top-1" in printed and f"{100 * res['top1']:.1f} %" in printed
     assert res["top1"] > 0.6, res  # chance is 0.1

@@ -219,7 +219,7 @@ def read_labeled_index(path: str | Path, root: str | Path, paths: Sequence[Path]
     for i, p in enumerate(paths):
         by_name.setdefault(p.name, []).append(i)
     out = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         entry = line.split("#", 1)[0].strip()
         if path.suffix.lower() == ".csv":
             entry = entry.split(",", 1)[0].strip()

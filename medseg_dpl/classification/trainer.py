@@ -295,5 +295,5 @@ def _train(cfg: dict, out_dir, progress: bool, data: Optional[ClassificationData
         (out_dir / "checkpoints").mkdir(exist_ok=True)
         with atomic_path(out_dir / "checkpoints" / "last.pt") as tmp:
             torch.save(ckpt, tmp)
-        (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+        (out_dir / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
     return results

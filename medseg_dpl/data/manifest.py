@@ -14,7 +14,7 @@ def load_manifest(prep_dir: str | os.PathLike) -> dict:
     if not path.exists():
         raise DataError(f"{path}: not found; is {prep_dir} a folder written by `medseg-dpl prep`?")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as exc:
         raise DataError(f"{path}: not valid JSON ({exc})") from exc
     for key in ("dataset", "classes", "spacing", "cases"):
@@ -27,7 +27,7 @@ def read_id_list(path: str | os.PathLike) -> list[str]:
     """One case id per line (DHC format); blank lines and ``#`` comments ignored."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise DataError(f"{path}: cannot read id list ({exc.strerror or exc})") from exc
     ids = [ln.split("#", 1)[0].strip() for ln in text.splitlines()]

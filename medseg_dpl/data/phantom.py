@@ -635,6 +635,6 @@ def make_phantom(out_dir: str | os.PathLike, layout: str = "synapse", cases: int
         }
         p = out / "dataset.json"
         with atomic_path(p) as tmp:
-            tmp.write_text(json.dumps(meta, indent=2))
+            tmp.write_text(json.dumps(meta, indent=2), encoding="utf-8")
         written.append(p)
     return written

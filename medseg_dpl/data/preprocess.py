@@ -297,7 +297,7 @@ def _settings(case, spacing, clip) -> dict:
 def _case_done(out: Path, case, settings: dict) -> dict | None:
     meta_path = out / "meta" / f"{case.id}.json"
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     if meta.get("settings") != settings:
@@ -334,7 +334,7 @@ def prep_case(case, out: str | os.PathLike, spacing, clip, num_classes: int) -> 
              "source_image": settings["source_image"], "source_label": settings["source_label"],
              **meta, "label_counts": counts, "settings": settings}
     with atomic_path(out / "meta" / f"{case.id}.json") as tmp:
-        tmp.write_text(json.dumps(entry))
+        tmp.write_text(json.dumps(entry), encoding="utf-8")
     entry["skipped"] = False
     return entry
 
@@ -433,7 +433,7 @@ def preprocess_dataset(dataset: str, raw, out, spacing: Sequence[float] | None =
                 "label_counts": {n: int(v) for n, v in zip(names, totals)},
                 "cases": case_list}
     with atomic_path(out / "dataset.json") as tmp:
-        tmp.write_text(json.dumps(manifest, indent=1))
+        tmp.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
     n_skip = sum(bool(e.get("skipped")) for e in entries)
     n_lab = sum(e["label"] is not None for e in entries)
     print(f"prepped {len(entries) - n_skip} case(s), skipped {n_skip} already done, into {out} "

@@ -126,7 +126,7 @@ def scan_amos(raw: Path, ct_only: bool = False) -> tuple[list[Case], list[str]]:
     meta = raw / "dataset.json"
     if meta.exists():
         try:
-            info = json.loads(meta.read_text())
+            info = json.loads(meta.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             problems.append(f"{meta}: unreadable dataset.json ({exc})")
             info = {}

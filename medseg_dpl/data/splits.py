@@ -149,7 +149,7 @@ def make_splits(prep_dir: str | os.PathLike, labeled: float | Sequence[float] | 
     if write:
         for name, ids in out.items():
             with atomic_path(prep_dir / "splits" / f"{name}.txt") as tmp:
-                tmp.write_text("".join(f"{i}\n" for i in ids))
+                tmp.write_text("".join(f"{i}\n" for i in ids), encoding="utf-8")
     return out
 
 
