@@ -76,7 +76,7 @@ def _logger(out_dir: Path, rank: int) -> logging.Logger:
         log.removeHandler(h)
         h.close()
     if rank == 0:
-        h = logging.FileHandler(out_dir / "train.log")
+        h = logging.FileHandler(out_dir / "train.log", encoding="utf-8")
         h.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
         log.addHandler(h)
     else:
@@ -495,12 +495,12 @@ def train(cfg: dict, out_dir, resume: bool = False) -> dict:
         report_ds = build_dataset(root, report_ids, "eval", patch, C, 1, False)
         report = pseudo_label_report(algo, unwrap(algo.inference_network()), report_ds, cfg, classes, prior, device)
         with atomic_path(out_dir / "pseudo_labels.json") as tmp:
-            tmp.write_text(json.dumps(report, indent=1))
+            tmp.write_text(json.dumps(report, indent=1), encoding="utf-8")
         result["pseudo_labels"] = str(out_dir / "pseudo_labels.json")
         log.info(f"done: best mean Dice {best:.4f} at step {best_step}; final {result['final_dice_mean']:.4f}; "
                  f"pseudo-label share {report['pseudo_label_share']}")
         with atomic_path(out_dir / "metrics.json") as tmp:
-            tmp.write_text(json.dumps(result, indent=1))
+            tmp.write_text(json.dumps(result, indent=1), encoding="utf-8")
         writer.close()
     _barrier()
     return result
