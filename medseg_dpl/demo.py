@@ -27,7 +27,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 # Sizes: the default fits ~20 min on 2 CPU cores, --quick ~3 min (it is what the tests run).
 SETTINGS = {
-    "default": {"cases": 30, "shape": (64, 64, 48), "steps": 500, "val_every": 250},
+    "default": {"cases": 30, "shape": (80, 80, 64), "steps": 600, "val_every": 200},
     "quick": {"cases": 10, "shape": (40, 40, 32), "steps": 40, "val_every": 40},
 }
 
