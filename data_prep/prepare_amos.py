@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from medseg_dpl.data.check import CheckError
 from medseg_dpl.data.io import DataError
 from medseg_dpl.data.preprocess import DEFAULT_CLIP, preprocess_dataset
 from medseg_dpl.data.splits import format_split_table, make_splits
@@ -40,10 +39,7 @@ def main(argv=None) -> int:
         preprocess_dataset("amos", args.raw, args.out, spacing=args.spacing, clip=args.clip,
                            workers=args.workers, ct_only=args.ct_only)
         splits = make_splits(args.out, labeled=FRACTIONS, seed=args.seed, from_lists=args.dhc_lists)
-    except CheckError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except (DataError, ValueError, OSError) as exc:
+    except (DataError, ValueError, OSError) as exc:  # CheckError is a DataError
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(format_split_table(splits))

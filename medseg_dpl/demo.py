@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -56,6 +55,7 @@ def pseudo_label_figure(reports: dict[str, list[dict]], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     from medseg_dpl.data.labels import short_name
+    from medseg_dpl.utils import save_figure
 
     any_report = next(r for rs in reports.values() for r in rs)
     organs = any_report["classes"][1:]
@@ -78,9 +78,7 @@ def pseudo_label_figure(reports: dict[str, list[dict]], path: Path) -> Path:
     ax.set_title("Pseudo-label class distribution on the unlabeled cases (organs only)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def results_markdown(rows: list[dict], organs: Sequence[str], methods: Sequence[str]) -> str:

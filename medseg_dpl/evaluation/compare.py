@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from medseg_dpl.data.labels import short_name
-from medseg_dpl.utils import atomic_path
+from medseg_dpl.utils import atomic_path, save_figure
 
 
 class CompareError(RuntimeError):
@@ -165,8 +165,4 @@ def plot_grouped_dice(table: dict, path: str | os.PathLike, title: str = "Dice p
     ax.legend(fontsize=8, ncol=min(n, 4), loc="upper center", bbox_to_anchor=(0.5, -0.12))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)

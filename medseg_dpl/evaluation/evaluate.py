@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from medseg_dpl.data.labels import short_name
 from medseg_dpl.evaluation.metrics import DHC_PENALTY, PROTOCOLS, organ_metrics
-from medseg_dpl.utils import atomic_path
+from medseg_dpl.utils import atomic_path, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -149,11 +149,7 @@ def plot_dice_bars(summary: dict, path: str | os.PathLike, title: str | None = N
     ax.set_title(title or f"Dice per organ (mean {_fmt(summary['overall']['dice']['mean'], 100, 1)}%)")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def plot_overlay(path: str | os.PathLike, truth: np.ndarray, pred: np.ndarray,
@@ -203,11 +199,7 @@ def plot_overlay(path: str | os.PathLike, truth: np.ndarray, pred: np.ndarray,
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def write_report(rows: list[dict], organs: Sequence[str], out_dir: str | os.PathLike,
