@@ -160,3 +160,17 @@ def test_supervised_is_dice_plus_ce():
     from monai.losses import DiceCELoss
     ref = DiceCELoss(to_onehot_y=True, softmax=True)(algo.student(batch["image"]), batch["label"])
     assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+
+
+def test_debiaspl_hard_response_averages_argmax_one_hot():
+    cfg = _cfg("debias.response=hard", "debias.reference=uniform")
+    algo = _algo("debiaspl", cfg)
+    batch = _batch(4)
+    with torch.no_grad():
+        zw = algo.teacher(batch["image_weak"]).double()
+    hard = F.one_hot(zw.argmax(1), C).double().reshape(-1, C).mean(0)
+    expected = 0.8 * (1.0 / C) + 0.2 * hard
+    algo.train_step(batch, 0)
+    assert torch.allclose(algo.qhat.double(), expected, atol=1e-6)
+    with pytest.raises(ValueError, match="debias.response"):
+        _algo("debiaspl", _cfg("debias.response=argmax"))

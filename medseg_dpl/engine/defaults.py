@@ -31,6 +31,7 @@ SEG_DEFAULTS = {
         "tau": 1.0,                   # strength of the debiasing (0 = FixMatch)
         "momentum": 0.999,            # of the response EMA q̂
         "masked": False,              # q̂ over confident voxels only
+        "response": "soft",           # what q̂ averages: soft (softmax, the paper) | hard (argmax one-hot)
         "reference": "labeled_prior", # labeled_prior (log q̂/π) | uniform (the paper: log q̂)
         "include_background": True,   # False: background's bias term is 0 (only organs debiased)
     },

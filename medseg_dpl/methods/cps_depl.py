@@ -17,7 +17,7 @@ import torch
 from medseg_dpl.core.debias import (ResponseEMA, debiased_probs, margin_adjusted_logits,
                                     masked_cross_entropy, pseudo_labels)
 from medseg_dpl.methods.base import Algorithm, class_share
-from medseg_dpl.methods.debiaspl import reference_prior
+from medseg_dpl.methods.debiaspl import reference_prior, response_probs
 
 
 class CPSDePL(Algorithm):
@@ -33,6 +33,7 @@ class CPSDePL(Algorithm):
         self.response_a = ResponseEMA(num_classes, momentum=m)
         self.response_b = ResponseEMA(num_classes, momentum=m)
         reference_prior(cfg, self.prior, self.prior)
+        response_probs(torch.zeros(1, num_classes), cfg)
 
     def trained_networks(self):
         return {"student": self.student, "student2": self.student2}
@@ -57,8 +58,8 @@ class CPSDePL(Algorithm):
             lab_a, mask_a = pseudo_labels(debiased_probs(u_a.detach(), self.response_a.qhat, tau, ref_a), thr)
             lab_b, mask_b = pseudo_labels(debiased_probs(u_b.detach(), self.response_b.qhat, tau, ref_b), thr)
             masked = self.cfg["debias"]["masked"]
-            self.response_a.update(torch.softmax(u_a.detach().float(), 1), mask_a if masked else None)
-            self.response_b.update(torch.softmax(u_b.detach().float(), 1), mask_b if masked else None)
+            self.response_a.update(response_probs(u_a, self.cfg), mask_a if masked else None)
+            self.response_b.update(response_probs(u_b, self.cfg), mask_b if masked else None)
         ref_a = reference_prior(self.cfg, self.prior, self.response_a.qhat)
         ref_b = reference_prior(self.cfg, self.prior, self.response_b.qhat)
         cps = (masked_cross_entropy(margin_adjusted_logits(u_b, self.response_a.qhat, tau, ref_a), lab_a, mask_a)

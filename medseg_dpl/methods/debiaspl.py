@@ -14,6 +14,7 @@ background's bias term to 0 so only the organs are debiased.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from medseg_dpl.core.debias import ResponseEMA, debiased_probs, margin_adjusted_logits, pseudo_labels
 from medseg_dpl.methods.fixmatch import FixMatch
@@ -37,12 +38,31 @@ def reference_prior(cfg: dict, prior: torch.Tensor, qhat: torch.Tensor) -> torch
     return ref
 
 
+def response_probs(logits: torch.Tensor, cfg: dict) -> torch.Tensor:
+    """What q̂ averages, ``(N, C, *)`` from logits ``(N, C, *)`` (``debias.response``).
+
+    ``soft``: the softmax (the paper). ``hard``: the one-hot argmax, so q̂ follows the class
+    frequencies of the hard labels. Why offer it: in CT the background's diffuse probability
+    leaking into a rare organ (0.05 % per voxel over 90 % of the voxels) can outweigh that
+    organ's true share, so the soft mean over-states rare organs that the hard pseudo-labels
+    under-represent, and debiasing by it pushes them further down.
+    """
+    probs = torch.softmax(logits.detach().float(), dim=1)
+    kind = cfg["debias"]["response"]
+    if kind == "soft":
+        return probs
+    if kind == "hard":
+        return F.one_hot(probs.argmax(dim=1), probs.shape[1]).movedim(-1, 1).to(probs.dtype)
+    raise ValueError(f"debias.response: expected soft or hard, got {kind!r}")
+
+
 class DebiasPL(FixMatch):
     name = "debiaspl"
 
     def __init__(self, student, cfg, num_classes, prior=None):
         super().__init__(student, cfg, num_classes, prior)
         reference_prior(cfg, self.prior, self.prior)  # validate debias.reference early
+        response_probs(torch.zeros(1, num_classes), cfg)  # and debias.response
         self.response = ResponseEMA(num_classes, momentum=cfg["debias"]["momentum"])
 
     @property
@@ -58,7 +78,7 @@ class DebiasPL(FixMatch):
             mask = None
             if self.cfg["debias"]["masked"]:
                 mask = pseudo_labels(probs, self.cfg["method"]["threshold"])[1]
-            self.response.update(torch.softmax(logits_w.float(), dim=1), mask)
+            self.response.update(response_probs(logits_w, self.cfg), mask)
         return probs, {"qhat": self.qhat.detach().clone()}
 
     def unsup_logits(self, logits_s):
