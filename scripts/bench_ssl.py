@@ -9,6 +9,7 @@ cases (organ shares, mean over seeds) next to the true one.
 
     python scripts/bench_ssl.py --out bench_ssl_out                    # 3 seeds, 5 % and 20 %
     python scripts/bench_ssl.py --out X --fractions 0.2 --seeds 0 debias.reference=uniform
+    python scripts/bench_ssl.py --out X --methods debiaspl -- debias.response=hard
 """
 from __future__ import annotations
 
@@ -57,7 +58,9 @@ def main() -> None:
     ap.add_argument("--out", default="bench_ssl_out")
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.2])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--methods", nargs="+", default=list(METHODS),
+                    choices=["supervised", "fixmatch", "debiaspl", "cps_depl"],
+                    help="end the list with -- before overrides")
     ap.add_argument("--cases", type=int, default=None, help="phantom cases (default: the demo's)")
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's)")
     ap.add_argument("--quick", action="store_true", help="the demo's quick sizes (a smoke test)")
