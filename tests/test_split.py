@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -135,3 +136,15 @@ def test_read_split_missing(tmp_path):
         read_split(prep, "train")
     with pytest.raises(DataError, match="dataset.json"):
         make_splits(tmp_path / "nothing")
+
+
+def test_data_prep_synapse_entry_point_writes_the_protocol_splits(phantom_raw, tmp_path, capsys):
+    import runpy
+
+    main = runpy.run_path(str(Path(__file__).resolve().parents[1] / "data_prep" / "prepare_synapse.py"))["main"]
+    out = tmp_path / "prep"
+    assert main(["--raw", str(phantom_raw), "--out", str(out), "--workers", "1"]) == 0
+    for name in ("train", "eval", "test", "labeled_10p", "labeled_20p", "labeled_40p", "unlabeled_40p"):
+        assert (out / "splits" / f"{name}.txt").read_text(encoding="utf-8").split(), name
+    assert main(["--raw", str(tmp_path / "nothing"), "--out", str(tmp_path / "bad")]) == 1
+    assert "error:" in capsys.readouterr().err and not (tmp_path / "bad").exists()
