@@ -31,6 +31,8 @@ from tqdm import tqdm
 from medseg_dpl.config import save_config
 from medseg_dpl.core.debias import pseudo_labels
 from medseg_dpl.core.ema import ModelEMA, unwrap
+from medseg_dpl.data.manifest import load_manifest, read_split
+from medseg_dpl.data.pipelines import build_dataset
 from medseg_dpl.engine.data import StepBatches, TeacherVolumes, seed_all, step_loader, step_seed
 from medseg_dpl.methods import get_method
 from medseg_dpl.models import build_model
@@ -95,15 +97,6 @@ def labeled_prior(prep_dir: Path, manifest: dict, ids: list[str], num_classes: i
         lab = np.asanyarray(nib.load(str(prep_dir / cases[i]["label"])).dataobj).astype(np.int64)
         counts += np.bincount(lab.reshape(-1), minlength=num_classes)[:num_classes]
     return torch.from_numpy(counts / counts.sum()).float()
-
-
-def _load_data_api():
-    try:
-        from medseg_dpl.data import load_manifest, read_split
-        from medseg_dpl.data.pipelines import build_dataset
-    except ImportError as exc:  # the data package is another part of the project
-        raise TrainingError(f"the data pipelines are not available: {exc}") from exc
-    return load_manifest, read_split, build_dataset
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -332,7 +325,6 @@ def train(cfg: dict, out_dir, resume: bool = False) -> dict:
         writer = SummaryWriter(str(out_dir / "tb"))
 
     # data ---------------------------------------------------------------------------------
-    load_manifest, read_split, build_dataset = _load_data_api()
     root = Path(d["root"])
     if not (root / "dataset.json").is_file():
         raise TrainingError(f"data.root: {root / 'dataset.json'} does not exist (run medseg-dpl prep)")

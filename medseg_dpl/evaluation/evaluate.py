@@ -247,9 +247,9 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data_dir: str | os.PathLi
     """
     import nibabel as nib
 
-    from medseg_dpl.evaluation.predict import (_data_fn, iter_case_predictions,
+    from medseg_dpl.data.manifest import load_manifest, read_split
+    from medseg_dpl.evaluation.predict import (iter_case_predictions,
                                                load_checkpoint_model, write_labels)
-    load_manifest, read_split = _data_fn("load_manifest"), _data_fn("read_split")
 
     if protocol not in PROTOCOLS:
         raise EvalError(f"--protocol must be one of {PROTOCOLS}, got {protocol!r}")
@@ -390,8 +390,8 @@ def evaluate_predictions(pred_dir: str | os.PathLike, label_dir: str | os.PathLi
     elif isinstance(classes, str) and classes in DATASET_CLASSES:
         names = list(DATASET_CLASSES[classes])
     elif isinstance(classes, (str, os.PathLike)):
-        from medseg_dpl.evaluation.predict import _data_fn
-        names = list(_data_fn("load_manifest")(classes)["classes"])
+        from medseg_dpl.data.manifest import load_manifest
+        names = list(load_manifest(classes)["classes"])
     else:
         names = list(classes)
     organs = names[1:]

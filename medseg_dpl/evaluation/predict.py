@@ -22,6 +22,8 @@ import torch
 from scipy import ndimage
 from tqdm import tqdm
 
+from medseg_dpl.data.io import dicom_series_ids, list_nifti, read_header
+from medseg_dpl.data.preprocess import preprocess_image, restore_to_original
 from medseg_dpl.utils import atomic_path
 
 log = logging.getLogger(__name__)
@@ -102,7 +104,7 @@ def case_name(p: Path) -> str:
 
 
 def _dicom_series_ids(folder: Path) -> list[str]:
-    return _data_fn("dicom_series_ids")(folder)
+    return dicom_series_ids(folder)
 
 
 def find_inputs(path: str | os.PathLike) -> list[tuple[str, Path]]:
@@ -115,7 +117,7 @@ def find_inputs(path: str | os.PathLike) -> list[tuple[str, Path]]:
         if not _is_nifti(p):
             raise PredictError(f"{p}: not a NIfTI file (.nii or .nii.gz) or a DICOM series folder")
         return [(case_name(p), p)]
-    niftis = _data_fn("list_nifti")(p)  # sorted, hidden/temporary files skipped
+    niftis = list_nifti(p)  # sorted, hidden/temporary files skipped
     if niftis:
         return [(case_name(q), q) for q in niftis]
     if _dicom_series_ids(p):
@@ -131,7 +133,7 @@ def source_geometry(path: str | os.PathLike) -> tuple[tuple[int, ...], np.ndarra
     (``medseg_dpl.data`` ``read_header``), so the written NIfTI lies on the series' voxels.
     """
     p = Path(path)
-    shape, affine = _data_fn("read_header")(p)
+    shape, affine = read_header(p)
     header = nib.load(str(p)).header if p.is_file() else None
     return tuple(int(s) for s in shape), np.asarray(affine, float), header
 
@@ -166,20 +168,6 @@ def resample_probs_to_grid(probs: np.ndarray, src_affine: np.ndarray, dst_shape:
                                       mode="grid-constant", cval=0)
     labels[inside == 0] = 0
     return labels
-
-
-def _data_fn(name: str):
-    """A function of the data package (``preprocess_image``, ``read_image``, ...)."""
-    import importlib
-    for mod in ("medseg_dpl.data", "medseg_dpl.data.io", "medseg_dpl.data.preprocess",
-                "medseg_dpl.data.manifest"):
-        try:
-            m = importlib.import_module(mod)
-        except ModuleNotFoundError:
-            continue
-        if hasattr(m, name):
-            return getattr(m, name)
-    raise PredictError(f"medseg_dpl.data.{name} is not available (data package not installed?)")
 
 
 def infer_probs(lm: LoadedModel, image: np.ndarray, overlap: float | None = None,
@@ -224,8 +212,7 @@ def probs_to_original(probs: np.ndarray, prep_affine: np.ndarray, shape: Sequenc
     """
     needed = ("original", "resampled_shape", "crop_box", "shape", "affine")
     if interpolation == "nearest" and meta is not None and all(k in meta for k in needed):
-        restore = _data_fn("restore_to_original")
-        return restore(probs.argmax(0).astype(np.uint8), meta).astype(np.uint8)
+        return restore_to_original(probs.argmax(0).astype(np.uint8), meta).astype(np.uint8)
     if interpolation not in ("linear", "nearest"):
         raise ValueError(f"interpolation must be 'linear' or 'nearest', got {interpolation!r}")
     return resample_probs_to_grid(probs, np.asarray(prep_affine, float), shape,
@@ -236,7 +223,6 @@ def predict_volume(lm: LoadedModel, source: Path, overlap=None, sw_batch_size=No
                    tta=False, interpolation: str = "linear"):
     """One input (NIfTI file or DICOM folder) -> ``(labels (X, Y, Z) uint8, affine, header)``
     on the input's own grid."""
-    preprocess_image = _data_fn("preprocess_image")
     image, prep_affine, meta = preprocess_image(source, lm.spacing, lm.clip)
     shape, affine, header = source_geometry(source)
     probs = infer_probs(lm, np.asarray(image), overlap, sw_batch_size, tta)
