@@ -12,7 +12,6 @@ and crops of the weak view are followed exactly).
 """
 from __future__ import annotations
 
-import random
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -22,6 +21,8 @@ import torch
 from monai.data import DataLoader, list_data_collate
 from torch.utils.data import Dataset, DistributedSampler
 
+from medseg_dpl.utils import seed_everything
+
 
 class TeacherPredictionError(ValueError):
     """An external teacher prediction that is missing or does not fit its case."""
@@ -30,13 +31,6 @@ class TeacherPredictionError(ValueError):
 def step_seed(seed: int, step: int, rank: int, stream: int) -> int:
     """A 31-bit seed for (seed, step, rank, stream), well mixed by numpy's SeedSequence."""
     return int(np.random.SeedSequence([seed, step, rank, stream]).generate_state(1)[0] >> 1)
-
-
-def seed_all(s: int) -> None:
-    """Seed python, numpy and torch (CPU and CUDA) global generators."""
-    random.seed(s)
-    np.random.seed(s)
-    torch.manual_seed(s)
 
 
 class _StepIndices:
@@ -63,7 +57,7 @@ class _StepIndices:
 
 
 def _set_transform_seed(dataset: Dataset, s: int) -> None:
-    seed_all(s)  # transforms that draw from the global generators
+    seed_everything(s)  # transforms that draw from the global generators
     transform = getattr(dataset, "transform", None)
     if transform is not None and hasattr(transform, "set_random_state"):
         transform.set_random_state(seed=s)

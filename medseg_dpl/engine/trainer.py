@@ -33,10 +33,10 @@ from medseg_dpl.core.debias import pseudo_labels
 from medseg_dpl.core.ema import ModelEMA, unwrap
 from medseg_dpl.data.manifest import load_manifest, read_split
 from medseg_dpl.data.pipelines import build_dataset
-from medseg_dpl.engine.data import StepBatches, TeacherVolumes, seed_all, step_loader, step_seed
+from medseg_dpl.engine.data import StepBatches, TeacherVolumes, step_loader, step_seed
 from medseg_dpl.methods import get_method
 from medseg_dpl.models import build_model
-from medseg_dpl.utils import atomic_path
+from medseg_dpl.utils import atomic_path, seed_everything
 
 
 class TrainingError(RuntimeError):
@@ -238,11 +238,11 @@ def build_training(cfg: dict, num_classes: int, prior: torch.Tensor, device: tor
     if asked), its EMA teacher (or None), the optimiser, the GradScaler and the parameter list."""
     t, m, o = cfg["train"], cfg["method"], cfg["optim"]
     method_cls = get_method(m["name"])
-    seed_all(t["seed"])
+    seed_everything(t["seed"])
     student = build_model(cfg["model"], 1, num_classes)
     extra = {}
     if m["name"] == "cps_depl":
-        seed_all(t["seed"] + 1)  # the second network differs by its initialisation
+        seed_everything(t["seed"] + 1)  # the second network differs by its initialisation
         extra["student2"] = build_model(cfg["model"], 1, num_classes)
     algo = method_cls(student, cfg, num_classes, prior, **extra)
     teacher = None
@@ -417,7 +417,7 @@ def train(cfg: dict, out_dir, resume: bool = False) -> dict:
         lr = poly_lr(o["lr"], step, t["steps"], o["poly_power"], o["warmup_steps"])
         for g in optimizer.param_groups:
             g["lr"] = lr
-        seed_all(step_seed(t["seed"], step, rank, 999))  # dropout etc.: a function of the step
+        seed_everything(step_seed(t["seed"], step, rank, 999))  # dropout etc.: a function of the step
         try:
             loss, logs = optimisation_step(algo, batch, step, optimizer, scaler, params, o["grad_clip"],
                                            teacher, device, use_amp, amp_dtype, world)
