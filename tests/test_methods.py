@@ -44,7 +44,7 @@ PRIOR = torch.tensor([0.7, 0.2, 0.08, 0.02])
 
 
 def test_registry_and_unknown_method():
-    assert set(METHODS) == {"supervised", "fixmatch", "debiaspl", "cps_depl"}
+    assert set(METHODS) == {"supervised", "fixmatch", "debiaspl", "cps_depl", "dhc", "cld"}
     with pytest.raises(ValueError, match="unknown method 'mixmatch'"):
         get_method("mixmatch")
 

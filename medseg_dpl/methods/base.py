@@ -10,6 +10,7 @@ Batches (tensors already on the device):
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Optional
 
@@ -43,6 +44,7 @@ class Algorithm(nn.Module):
     name = "base"
     uses_unlabeled = False   # the trainer feeds unlabeled batches
     uses_teacher = False     # the trainer builds and updates an EMA teacher of ``student``
+    num_networks = 1         # 2: the trainer builds a second, differently seeded ``student2``
 
     def __init__(self, student: nn.Module, cfg: dict, num_classes: int,
                  prior: Optional[torch.Tensor] = None):
@@ -97,3 +99,23 @@ class Algorithm(nn.Module):
     def train_step(self, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
         """One step's loss (a scalar tensor to back-propagate) and logs (floats or ``(C,)``)."""
         raise NotImplementedError
+
+
+class CoTraining(Algorithm):
+    """Two networks A (``student``) and B (``student2``) trained together (CPS and its kin).
+
+    The trainer builds B with its own seed (``num_networks = 2``) and passes it as ``student2``;
+    the deepcopy is only a fallback. Inference, validation and ``checkpoint["model"]`` use A;
+    B is saved as ``checkpoint["student2"]``.
+    """
+
+    uses_unlabeled = True
+    num_networks = 2
+
+    def __init__(self, student: nn.Module, cfg: dict, num_classes: int,
+                 prior: Optional[torch.Tensor] = None, student2: Optional[nn.Module] = None):
+        super().__init__(student, cfg, num_classes, prior)
+        self.student2 = student2 if student2 is not None else copy.deepcopy(student)
+
+    def trained_networks(self) -> dict[str, nn.Module]:
+        return {"student": self.student, "student2": self.student2}

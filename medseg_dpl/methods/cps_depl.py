@@ -1,7 +1,8 @@
 """CPS-DePL: two networks co-trained with debiased cross pseudo-supervision (DHC's "DePL").
 
 Networks A and B see the same crops (labeled + weak unlabeled, as in DHC's code). Each keeps
-its own q̂ (response EMA of its softmax over unlabeled voxels). A's counterfactual
+its own q̂ (response EMA of its softmax over unlabeled voxels; the bias follows
+``debias.variant`` as in DebiasPL, q̂ starting at the reference). A's counterfactual
 pseudo-labels softmax(z_A − τ·log(q̂_A/π)) supervise B's margin-adjusted logits
 z_B + τ·log(q̂_A/π) and vice versa; plus Dice + CE on the labeled crops for both.
 Note: DHC's ``train_depl.py`` computes the margin-adjusted logits but then applies the CPS loss
@@ -10,39 +11,31 @@ to the raw outputs of the whole batch; here the margins are applied, on unlabele
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from medseg_dpl.core.debias import (ResponseEMA, debiased_probs, margin_adjusted_logits,
                                     masked_cross_entropy, pseudo_labels)
-from medseg_dpl.methods.base import Algorithm, class_share
-from medseg_dpl.methods.debiaspl import reference_prior, response_probs
+from medseg_dpl.methods.base import CoTraining, class_share
+from medseg_dpl.methods.debiaspl import bias_options, initial_qhat, reference_prior, response_probs
 
 
-class CPSDePL(Algorithm):
+class CPSDePL(CoTraining):
     name = "cps_depl"
-    uses_unlabeled = True
 
     def __init__(self, student, cfg, num_classes, prior=None, student2=None):
-        super().__init__(student, cfg, num_classes, prior)
-        # B differs from A by its initialisation (DHC: kaiming vs xavier); the trainer passes
-        # a separately seeded network, the deepcopy is only a fallback
-        self.student2 = student2 if student2 is not None else copy.deepcopy(student)
+        # B differs from A by its initialisation (DHC: kaiming vs xavier): a separately seeded network
+        super().__init__(student, cfg, num_classes, prior, student2)
         m = cfg["debias"]["momentum"]
-        self.response_a = ResponseEMA(num_classes, momentum=m)
-        self.response_b = ResponseEMA(num_classes, momentum=m)
-        reference_prior(cfg, self.prior, self.prior)
+        self.opts = bias_options(cfg)
         response_probs(torch.zeros(1, num_classes), cfg)
-
-    def trained_networks(self):
-        return {"student": self.student, "student2": self.student2}
+        self.response_a = ResponseEMA(num_classes, momentum=m, init=initial_qhat(cfg, self.prior))
+        self.response_b = ResponseEMA(num_classes, momentum=m, init=initial_qhat(cfg, self.prior))
 
     @torch.no_grad()
     def pseudo_label_probs(self, logits):
         qhat = self.response_a.qhat
         return debiased_probs(logits.float(), qhat, self.cfg["debias"]["tau"],
-                              reference_prior(self.cfg, self.prior, qhat))
+                              reference_prior(self.cfg, self.prior, qhat), **self.opts)
 
     def train_step(self, batch, step):
         x_l, y_l = batch["image"], batch["label"]
@@ -55,15 +48,19 @@ class CPSDePL(Algorithm):
         ref_a = reference_prior(self.cfg, self.prior, self.response_a.qhat)
         ref_b = reference_prior(self.cfg, self.prior, self.response_b.qhat)
         with torch.no_grad():
-            lab_a, mask_a = pseudo_labels(debiased_probs(u_a.detach(), self.response_a.qhat, tau, ref_a), thr)
-            lab_b, mask_b = pseudo_labels(debiased_probs(u_b.detach(), self.response_b.qhat, tau, ref_b), thr)
+            lab_a, mask_a = pseudo_labels(debiased_probs(u_a.detach(), self.response_a.qhat, tau, ref_a,
+                                                         **self.opts), thr)
+            lab_b, mask_b = pseudo_labels(debiased_probs(u_b.detach(), self.response_b.qhat, tau, ref_b,
+                                                         **self.opts), thr)
             masked = self.cfg["debias"]["masked"]
             self.response_a.update(response_probs(u_a, self.cfg), mask_a if masked else None)
             self.response_b.update(response_probs(u_b, self.cfg), mask_b if masked else None)
         ref_a = reference_prior(self.cfg, self.prior, self.response_a.qhat)
         ref_b = reference_prior(self.cfg, self.prior, self.response_b.qhat)
-        cps = (masked_cross_entropy(margin_adjusted_logits(u_b, self.response_a.qhat, tau, ref_a), lab_a, mask_a)
-               + masked_cross_entropy(margin_adjusted_logits(u_a, self.response_b.qhat, tau, ref_b), lab_b, mask_b))
+        cps = (masked_cross_entropy(margin_adjusted_logits(u_b, self.response_a.qhat, tau, ref_a, **self.opts),
+                                    lab_a, mask_a)
+               + masked_cross_entropy(margin_adjusted_logits(u_a, self.response_b.qhat, tau, ref_b, **self.opts),
+                                      lab_b, mask_b))
         weight = self.unsup_weight(step)
         loss = sup + weight * cps
         mask = torch.cat([mask_a, mask_b])
