@@ -143,8 +143,12 @@ def _nonfinite(arr: np.ndarray) -> int:
     return int(arr.size - np.count_nonzero(np.isfinite(arr)))
 
 
-def check_case(case: Case, num_classes: int | None) -> dict:
-    """Problems of one case and what prep needs to know (spacing, max label value)."""
+def check_case(case: Case, num_classes: int | None, declared_by: str | None = None) -> dict:
+    """Problems of one case and what prep needs to know (spacing, max label value).
+
+    ``declared_by`` names where the classes come from (e.g. an nnU-Net dataset.json), for the
+    message about undeclared label values.
+    """
     problems: list[str] = []
     info: dict = {"id": case.id, "spacing": None, "max_label": None}
     shape, aff, arr = _read_for_check(Path(case.image), problems)
@@ -168,11 +172,12 @@ def check_case(case: Case, num_classes: int | None) -> dict:
             problems.append(f"{case.label}: label affine differs from the image's ({case.image}) "
                             f"by up to {d:.4g} mm")
         if lab is not None:
-            problems += _label_value_problems(case.label, lab, num_classes, info)
+            problems += _label_value_problems(case.label, lab, num_classes, info, declared_by)
     return {"problems": problems, "info": info}
 
 
-def _label_value_problems(path, lab: np.ndarray, num_classes: int | None, info: dict) -> list[str]:
+def _label_value_problems(path, lab: np.ndarray, num_classes: int | None, info: dict,
+                          declared_by: str | None = None) -> list[str]:
     out = []
     if lab.dtype.kind == "f":
         nonfinite = _nonfinite(lab)
@@ -188,6 +193,10 @@ def _label_value_problems(path, lab: np.ndarray, num_classes: int | None, info: 
     if lo < 0 or hi >= limit:
         bad = np.unique(lab[(lab < 0) | (lab >= limit)])
         shown = ", ".join(str(int(v)) for v in bad[:10]) + (" ..." if bad.size > 10 else "")
+        if declared_by and num_classes:
+            out.append(f"{path}: label values not declared in {declared_by} "
+                       f"(0..{num_classes - 1}): {shown}")
+            return out
         what = (f"the dataset's {num_classes} classes (0..{num_classes - 1})" if num_classes
                 else "0..255")
         out.append(f"{path}: label values outside {what}: {shown}")
@@ -199,18 +208,23 @@ def run_check(dataset: str, raw, labels=None, ct_only: bool = False, num_classes
               workers: int | None = None, progress: bool = True, executor=None
               ) -> tuple[list[Case], list[str], list[dict]]:
     """(cases, problems, per-case info). ``num_classes`` defaults to the dataset's class count."""
-    from medseg_dpl.data.labels import DATASET_CLASSES
+    from medseg_dpl.data.readers import dataset_classes
 
     cases, problems = scan_dataset(dataset, raw, labels, ct_only)
-    if num_classes is None and dataset in DATASET_CLASSES:
-        num_classes = len(DATASET_CLASSES[dataset])
+    declared_by = None
+    if num_classes is None and cases:
+        fixed = dataset_classes(dataset, raw)
+        num_classes = None if fixed is None else len(fixed)
+        if dataset == "nnunet":
+            declared_by = f"the labels of {Path(raw) / 'dataset.json'}"
     for cid, n in Counter(c.id for c in cases).items():
         if n > 1:
             files = ", ".join(str(c.image) for c in cases if c.id == cid)
             problems.append(f"duplicate case id {cid!r}: {files}")
     from functools import partial
 
-    results = parallel_map(partial(check_case, num_classes=num_classes), cases, workers,
+    results = parallel_map(partial(check_case, num_classes=num_classes, declared_by=declared_by),
+                           cases, workers,
                            desc="check", progress=progress, executor=executor)
     for r in results:
         problems += r["problems"]

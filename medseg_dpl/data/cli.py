@@ -71,7 +71,7 @@ def cmd_prep(args) -> int:
     try:
         preprocess_dataset(args.dataset, args.raw, args.out, spacing=args.spacing,
                            clip=args.clip, workers=args.workers, ct_only=args.ct_only,
-                           labels=args.labels, classes=args.classes)
+                           labels=args.labels, classes=args.classes, modality=args.modality)
     except CheckError as exc:
         print(f"error: {len(exc.problems)} problem(s) in {args.raw}; nothing written:",
               file=sys.stderr)
@@ -100,11 +100,13 @@ def cmd_split(args) -> int:
 def _add_raw_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", required=True, choices=DATASETS, help="raw layout")
     p.add_argument("--raw", required=True,
-                   help="raw data: dataset folder; for nifti one file or a folder; for dicom "
-                        "one series folder or a folder of series folders")
+                   help="raw data: dataset folder (nnunet: the nnU-Net v2 raw folder with "
+                        "dataset.json); for nifti one file or a folder; for dicom one series "
+                        "folder or a folder of series folders")
     p.add_argument("--labels", default=None,
                    help="nifti/dicom: a label file or a folder of <case id>.nii.gz labels")
-    p.add_argument("--ct-only", action="store_true", help="AMOS: drop the MRI cases (ids >= 500)")
+    p.add_argument("--ct-only", action="store_true",
+                   help="AMOS: drop the MRI cases (ids >= 500; kept by default and normalised as MR)")
     p.add_argument("--classes", default=None,
                    help="nifti/dicom: class names 'background,liver,...' or 'synapse'/'amos' "
                         "(default: class_1..class_K from the largest label value)")
@@ -135,15 +137,20 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("prep", help="check, then preprocess a raw data set into PREP_DIR",
                               description="Check the raw data, then reorient to RAS, resample, "
-                                          "crop to the body, clip HU and scale to [0, 1]; write "
-                                          "NIfTI + dataset.json into PREP_DIR.")
+                                          "crop to the body, normalise intensities (CT: clip HU "
+                                          "and scale to [0, 1]; MR: clip to the body's 0.5-99.5 "
+                                          "percentiles and z-score); write NIfTI + dataset.json "
+                                          "into PREP_DIR.")
     _add_raw_args(p)
     p.add_argument("--out", required=True, help="PREP_DIR to write")
     p.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"),
                    help="target voxel size in mm, RAS order (default: per axis the coarser of "
                         "1.5 x 1.5 x 2 and the data set's median spacing)")
     p.add_argument("--clip", type=float, nargs=2, default=(-175.0, 250.0), metavar=("LO", "HI"),
-                   help="HU window, then scaled to [0, 1] (default -175 250)")
+                   help="CT: HU window, then scaled to [0, 1] (default -175 250)")
+    p.add_argument("--modality", choices=("ct", "mr"), default=None,
+                   help="intensity scheme for every case (default: from the layout: nnunet "
+                        "channel_names, AMOS ids >= 500 = MR; nifti/dicom: ct)")
     p.set_defaults(func=cmd_prep)
 
     p = subparsers.add_parser("split", help="train/eval/test and labeled/unlabeled split lists",

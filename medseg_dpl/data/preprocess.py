@@ -1,4 +1,4 @@
-"""Preprocessing of raw CT into PREP_DIR (see ``contracts.md``): one grid, one intensity scale.
+"""Preprocessing of raw CT and MR into PREP_DIR (see ``contracts.md``): one grid, one intensity scale.
 
 Per case, in this order (:func:`preprocess_arrays`, shared by prep and predict):
 
@@ -9,10 +9,13 @@ Per case, in this order (:func:`preprocess_arrays`, shared by prep and predict):
    follow ``src = (dst + 0.5) · s'/s - 0.5`` (the field of view stays centred, as
    ``torch``'s ``align_corners=False``), edges replicate. An axis already at the target
    spacing is copied untouched, so a 3 mm scan prepped at 3 mm is bit-exact.
-3. **Crop to the body**: voxels > ``BODY_HU`` (-500 HU: soft tissue and bone, not air), the
+3. **Crop to the body**: CT: voxels > ``BODY_HU`` (-500 HU: soft tissue and bone, not air), the
    largest 6-connected component, its bounding box + ``BODY_MARGIN_MM`` per side (found on
-   every 2nd voxel for volumes over 4 M voxels). No body found (e.g. MRI intensities) → no crop.
-4. **Clip** HU to ``clip`` and scale linearly to [0, 1] (float32).
+   every 2nd voxel for volumes over 4 M voxels); no body found → no crop. MR: the box of
+   :func:`mr_body_mask` + the same margin.
+4. **Intensity**, by modality (nnU-Net's schemes): CT: clip HU to ``clip`` and scale linearly
+   to [0, 1]. MR (any non-CT channel): per case, clip to the ``MR_PERCENTILES`` (0.5, 99.5) of
+   the body-mask voxels, then z-score with the body voxels' mean and std (float32).
 
 The affine written is the true world affine of the final grid; ``original`` (shape, affine,
 spacing of the source), ``resampled_shape`` and ``crop_box`` let :func:`restore_to_original`
@@ -31,6 +34,7 @@ from typing import Sequence
 import numpy as np
 
 from medseg_dpl.data.io import DataError, read_image, save_nifti, voxel_spacing
+from medseg_dpl.data.readers import MODALITIES
 
 DEFAULT_CLIP = (-175.0, 250.0)
 # Default target spacing (mm, RAS order), one place: per axis the *coarser* of
@@ -58,9 +62,11 @@ def default_spacing(dataset: str, case_spacings: Sequence[Sequence[float]]) -> t
 
 
 BODY_HU = -500.0
+MR_PERCENTILES = (0.5, 99.5)
+MR_BODY_MASK = "Otsu threshold of log(1 + I - min), largest 6-connected component, holes filled per axial slice"
 BODY_MARGIN_MM = 10.0
 BODY_STRIDE_VOXELS = 4_000_000
-PREP_VERSION = 1  # bump when the math changes: cases done by an older version are redone
+PREP_VERSION = 2  # bump when the math changes: cases done by an older version are redone
 
 
 # ----------------------------------------------------------------------------- math
@@ -153,51 +159,138 @@ def body_box(hu: np.ndarray, spacing: Sequence[float], threshold: float = BODY_H
     Volumes over ``BODY_STRIDE_VOXELS`` are searched on every 2nd voxel per axis (8x less
     work; the box is widened by the skipped voxel, and the margin dwarfs it).
     """
+    step = 2 if hu.size > BODY_STRIDE_VOXELS else 1
+    return mask_box(hu[::step, ::step, ::step] > threshold, spacing, hu.shape, step, margin_mm)
+
+
+def _largest_component(mask: np.ndarray) -> tuple[np.ndarray, int] | None:
+    """(component labels of ``mask`` (6-connected), the largest one's label); None if empty."""
     from scipy import ndimage
 
-    full = [[0, int(n)] for n in hu.shape]
-    step = 2 if hu.size > BODY_STRIDE_VOXELS else 1
-    mask = hu[::step, ::step, ::step] > threshold
     if not mask.any():
-        return full
-    lab, n = ndimage.label(mask)
+        return None
+    lab, _ = ndimage.label(mask)
     sizes = np.bincount(lab.ravel())
     sizes[0] = 0
-    k = int(np.argmax(sizes))
+    return lab, int(np.argmax(sizes))
+
+
+def mask_box(mask: np.ndarray, spacing: Sequence[float], shape: Sequence[int], step: int = 1,
+             margin_mm: float = BODY_MARGIN_MM) -> list[list[int]]:
+    """Half-open box (in a volume of ``shape``) around the largest component of ``mask``, which
+    is that volume sampled on every ``step``-th voxel; + ``margin_mm`` per side. Empty: all."""
+    from scipy import ndimage
+
+    found = _largest_component(mask)
+    if found is None:
+        return [[0, int(n)] for n in shape]
+    lab, k = found
     sl = ndimage.find_objects(lab, max_label=k)[k - 1]
     box = []
     for ax, s in enumerate(sl):
         m = int(np.ceil(margin_mm / float(spacing[ax])))
         lo, hi = s.start * step - (step - 1), s.stop * step
-        box.append([max(0, lo - m), min(hu.shape[ax], hi + m)])
+        box.append([max(0, lo - m), min(int(shape[ax]), hi + m)])
     return box
 
 
-def preprocess_arrays(image: np.ndarray, affine: np.ndarray, spacing: Sequence[float],
-                      clip: Sequence[float] = DEFAULT_CLIP, label: np.ndarray | None = None):
-    """The prep math on arrays: image (X, Y, Z) HU + its RAS affine -> preprocessed grid.
+def _otsu(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold of 1-D ``values`` (maximal between-class variance over a histogram)."""
+    hist, edges = np.histogram(values, bins=bins)
+    centres = 0.5 * (edges[:-1] + edges[1:])
+    w0 = np.cumsum(hist, dtype=np.float64)
+    w1 = w0[-1] - w0
+    s0 = np.cumsum(hist * centres)
+    m0 = s0 / np.maximum(w0, 1)
+    m1 = (s0[-1] - s0) / np.maximum(w1, 1)
+    return float(centres[int(np.argmax(w0 * w1 * (m0 - m1) ** 2))])
 
-    Returns ``(image float32 (X', Y', Z') in [0, 1], label uint8 or None, affine, meta)``;
-    ``meta`` holds ``original`` {shape, affine, spacing}, ``resampled_shape``, ``crop_box``,
-    ``shape``, ``spacing`` (the written grid's), ``label_outside_crop`` (labelled voxels lost).
+
+def mr_body_mask(image: np.ndarray) -> np.ndarray:
+    """Body voxels of an MR volume ``(X, Y, Z)`` (RAS, Z axial) -> bool ``(X, Y, Z)``.
+
+    MR air is not zero (CHAOS: noise of 5-60 units in two of 15 scans), so "nonzero" keeps
+    the background; a fixed threshold depends on the scanner's arbitrary units. On a log scale
+    air and tissue form two modes whatever the units, so Otsu on ``log(1 + I - min)`` splits
+    them without tuning (CHAOS: 16-63 units, every organ voxel inside; Otsu or the mean on the
+    linear scale cut into darker organs). The largest 6-connected component drops noise specks;
+    holes (fat-suppressed fat, bowel gas) are filled per axial slice, because in 3D they can
+    touch the top or bottom slice and would not count as holes. Constant image: all True.
+    """
+    from scipy import ndimage
+
+    img = np.asarray(image, dtype=np.float32)
+    lo = float(img.min())
+    if float(img.max()) <= lo:
+        return np.ones(img.shape, dtype=bool)
+    logv = np.log1p(img - lo)
+    mask = logv > _otsu(logv[::2, ::2, :].ravel())    # every 2nd in-plane voxel: same histogram
+    lab, k = _largest_component(mask)
+    mask = lab == k
+    for z in range(mask.shape[2]):
+        mask[:, :, z] = ndimage.binary_fill_holes(mask[:, :, z])
+    return mask
+
+
+def normalize_mr(image: np.ndarray, mask: np.ndarray,
+                 percentiles: Sequence[float] = MR_PERCENTILES) -> dict:
+    """In place: clip float32 ``image`` (X, Y, Z) to the ``percentiles`` of its ``mask`` voxels
+    (bool, same shape; empty: all voxels), then z-score with their mean and std after clipping.
+
+    Returns ``{"clip": [lo, hi], "mean": m, "std": s}`` in source units (output = (clip(I) - m) / s;
+    s = 1 when the body is constant).
+    """
+    vals = image[mask] if mask.any() else image.ravel()
+    lo, hi = (float(v) for v in np.percentile(vals, percentiles))
+    vals = np.clip(vals, lo, hi)
+    mean, std = float(vals.mean(dtype=np.float64)), float(vals.std(dtype=np.float64))
+    std = std if std > 1e-6 * max(1.0, abs(hi - lo)) else 1.0
+    np.clip(image, lo, hi, out=image)
+    image -= np.float32(mean)
+    image *= np.float32(1.0 / std)
+    return {"clip": [lo, hi], "mean": mean, "std": std}
+
+
+def preprocess_arrays(image: np.ndarray, affine: np.ndarray, spacing: Sequence[float],
+                      clip: Sequence[float] = DEFAULT_CLIP, label: np.ndarray | None = None,
+                      modality: str = "ct", percentiles: Sequence[float] = MR_PERCENTILES):
+    """The prep math on arrays: image (X, Y, Z) (CT in HU, or MR) + its affine -> preprocessed grid.
+
+    Returns ``(image float32 (X', Y', Z'), label uint8 or None, affine, meta)``: CT in [0, 1]
+    (``clip`` window), MR z-scored (``percentiles``; see :func:`normalize_mr`). ``meta`` holds
+    ``original`` {shape, affine, spacing}, ``resampled_shape``, ``crop_box``, ``shape``,
+    ``spacing`` (the written grid's), ``label_outside_crop`` (labelled voxels lost),
+    ``modality`` and, for MR, ``normalization`` (the case's clip, mean, std).
     """
     lo, hi = float(clip[0]), float(clip[1])
     if not hi > lo:
         raise ValueError(f"clip range must be increasing, got {clip}")
+    if modality not in MODALITIES:
+        raise ValueError(f"modality must be one of {', '.join(MODALITIES)}, got {modality!r}")
     affine = np.asarray(affine, dtype=np.float64)
     meta = {"original": {"shape": [int(s) for s in image.shape], "affine": affine.tolist(),
                          "spacing": [float(s) for s in voxel_spacing(affine)]}}
     img, aff_ras = reorient_ras(image, affine)
     img, aff_res = resample(img, aff_ras, spacing, order=1)
     resampled_shape = [int(n) for n in img.shape]
-    box = body_box(img, spacing)
+    body = None
+    if modality == "ct":
+        box = body_box(img, spacing)
+    else:
+        body = mr_body_mask(img)
+        box = mask_box(body, spacing, img.shape)
     crop = tuple(slice(a, b) for a, b in box)
     # A copy of the crop: the input may be the caller's float32 array (no axis resampled) or a
     # read-only memmap, and the in-place ops below must touch neither.
     img = np.array(img[crop], dtype=np.float32, order="K")
-    np.clip(img, lo, hi, out=img)
-    img -= lo
-    img *= np.float32(1.0 / (hi - lo))
+    meta["modality"] = modality
+    if modality == "ct":
+        np.clip(img, lo, hi, out=img)
+        img -= lo
+        img *= np.float32(1.0 / (hi - lo))
+    else:
+        meta["normalization"] = normalize_mr(img, body[crop], percentiles)
+        del body
     aff = aff_res.copy()
     aff[:3, 3] = aff_res[:3, :3] @ np.array([b[0] for b in box], dtype=np.float64) + aff_res[:3, 3]
     lab_out = None
@@ -219,14 +312,40 @@ def preprocess_arrays(image: np.ndarray, affine: np.ndarray, spacing: Sequence[f
     return img, lab_out, aff, meta
 
 
-def preprocess_image(path_or_dicom_dir, spacing: Sequence[float], clip: Sequence[float] = DEFAULT_CLIP):
+def intensity_kwargs(intensity: dict | None, modality: str | None = None) -> dict:
+    """:func:`preprocess_image`'s intensity arguments for a new image, from the ``intensity``
+    record of a PREP_DIR's dataset.json (or a checkpoint's copy of it).
+
+    A record without ``modality`` (before MR support) is CT. A model trained on CT and MR
+    (AMOS, "mixed") needs ``modality`` for each new image; a single-modality model refuses the
+    other one (its intensities would be on another scale). Raises ValueError.
+    """
+    rec = dict(intensity or {})
+    trained = rec.get("modality", "ct")
+    if modality is not None and modality not in MODALITIES:
+        raise ValueError(f"modality must be one of {', '.join(MODALITIES)}, got {modality!r}")
+    if trained == "mixed":
+        if modality is None:
+            raise ValueError("the model was trained on CT and MR images; give the input's "
+                             "modality (--modality ct|mr)")
+    elif modality is not None and modality != trained:
+        raise ValueError(f"the model was trained on {trained.upper()} images only; it cannot "
+                         f"segment a {modality.upper()} input")
+    return {"modality": modality or trained, "clip": tuple(rec.get("clip", DEFAULT_CLIP)),
+            "percentiles": tuple(rec.get("percentiles", MR_PERCENTILES))}
+
+
+def preprocess_image(path_or_dicom_dir, spacing: Sequence[float], clip: Sequence[float] = DEFAULT_CLIP,
+                     modality: str = "ct", percentiles: Sequence[float] = MR_PERCENTILES):
     """Exactly what prep does to an image: NIfTI file or DICOM series folder -> model input.
 
-    Returns ``(image float32 ndarray (X, Y, Z) in [0, 1], affine 4x4 (RAS world of that grid),
-    meta)``; ``meta`` as in :func:`preprocess_arrays` (feed it to :func:`restore_to_original`).
+    Returns ``(image float32 ndarray (X, Y, Z) (CT in [0, 1], MR z-scored), affine 4x4 (RAS
+    world of that grid), meta)``; ``meta`` as in :func:`preprocess_arrays` (feed it to
+    :func:`restore_to_original`).
     """
     image, affine = read_image(path_or_dicom_dir)
-    img, _, aff, meta = preprocess_arrays(image, affine, spacing, clip)
+    img, _, aff, meta = preprocess_arrays(image, affine, spacing, clip, modality=modality,
+                                          percentiles=percentiles)
     return img, aff, meta
 
 
@@ -286,9 +405,12 @@ def _stat(path: Path | None):
     return [int(st.st_size), int(st.st_mtime_ns)]
 
 
-def _settings(case, spacing, clip) -> dict:
+def _settings(case, spacing, clip, modality: str) -> dict:
+    # only what the case's math uses: changing --clip does not redo MR cases
+    scale = ({"clip": [float(c) for c in clip]} if modality == "ct"
+             else {"percentiles": [float(p) for p in MR_PERCENTILES]})
     return {"version": PREP_VERSION, "spacing": [float(s) for s in spacing],
-            "clip": [float(c) for c in clip],
+            "modality": modality, **scale,
             "source_image": os.path.abspath(case.image), "source_image_stat": _stat(Path(case.image)),
             "source_label": None if case.label is None else os.path.abspath(case.label),
             "source_label_stat": _stat(None if case.label is None else Path(case.label))}
@@ -307,12 +429,22 @@ def _case_done(out: Path, case, settings: dict) -> dict | None:
     return meta
 
 
-def prep_case(case, out: str | os.PathLike, spacing, clip, num_classes: int) -> dict:
-    """Preprocess one case into ``out`` (image, label, meta/<id>.json; each written atomically)."""
+def case_modality(case, modality: str | None = None) -> str:
+    """``modality`` if given (``--modality``), else the layout's (AMOS id, nnU-Net channel), else ct."""
+    return modality or getattr(case, "modality", None) or "ct"
+
+
+def prep_case(case, out: str | os.PathLike, spacing, clip, num_classes: int,
+              modality: str | None = None) -> dict:
+    """Preprocess one case into ``out`` (image, label, meta/<id>.json; each written atomically).
+
+    ``modality`` overrides the case's own (see :func:`case_modality`).
+    """
     from medseg_dpl.utils import atomic_path
 
     out = Path(out)
-    settings = _settings(case, spacing, clip)
+    modality = case_modality(case, modality)
+    settings = _settings(case, spacing, clip, modality)
     done = _case_done(out, case, settings)
     if done is not None:
         done["skipped"] = True
@@ -321,7 +453,7 @@ def prep_case(case, out: str | os.PathLike, spacing, clip, num_classes: int) -> 
     label = None
     if case.label is not None:
         label, _ = read_image(case.label)
-    img, lab, aff, meta = preprocess_arrays(image, affine, spacing, clip, label)
+    img, lab, aff, meta = preprocess_arrays(image, affine, spacing, clip, label, modality=modality)
     del image, label
     rel_img = f"imagesTr/{case.id}.nii.gz"
     rel_lab = f"labelsTr/{case.id}.nii.gz" if lab is not None else None
@@ -370,21 +502,37 @@ def resolve_classes(dataset: str, classes, max_label: int | None) -> list[str]:
     return ["background"] + [f"class_{i}" for i in range(1, k + 1)]
 
 
+def intensity_record(modalities: Sequence[str], clip: Sequence[float]) -> dict:
+    """``dataset.json``'s ``intensity``: the modality ("ct", "mr", or "mixed" for AMOS with its
+    MRI) and each scheme's settings (``clip`` for CT, ``percentiles`` + ``body_mask`` for MR)."""
+    kinds = sorted(set(modalities)) or ["ct"]
+    rec: dict = {"modality": kinds[0] if len(kinds) == 1 else "mixed"}
+    if "ct" in kinds:
+        rec["clip"] = [float(c) for c in clip]
+    if "mr" in kinds:
+        rec.update({"percentiles": [float(p) for p in MR_PERCENTILES], "body_mask": MR_BODY_MASK,
+                    "scale": "z-score"})
+    return rec
+
+
 def preprocess_dataset(dataset: str, raw, out, spacing: Sequence[float] | None = None,
                        clip: Sequence[float] = DEFAULT_CLIP, workers: int | None = None,
                        ct_only: bool = False, labels=None, classes=None,
-                       progress: bool = True, stream=None) -> dict:
+                       progress: bool = True, stream=None, modality: str | None = None) -> dict:
     """Check, then preprocess a raw dataset into ``out`` (PREP_DIR); returns the manifest.
 
     ``spacing`` defaults to :func:`default_spacing` (coarser of MIN_SPACING and the median); ``classes`` (nifti/dicom only): a
-    dataset name, comma-separated names, or a list; default: inferred from the largest label.
+    dataset name, comma-separated names, or a list; default: inferred from the largest label
+    (Synapse and AMOS have fixed classes; nnU-Net's come from its dataset.json).
+    ``modality`` ("ct" | "mr") overrides the layout's (nnU-Net ``channel_names``, AMOS ids
+    >= 500 = MR; nifti/dicom default to CT); it selects the intensity scheme per case.
     Raises :class:`medseg_dpl.data.check.CheckError` (listing every problem) before ``out``
     is created when the raw data are bad. Cases already done with the same settings (and
     unchanged sources) are skipped. Prints a summary and the imbalance table (per-class voxel
     counts of the labeled cases) to ``stream`` (default stdout).
     """
     from medseg_dpl.data.check import CheckError, default_workers, make_executor, parallel_map, run_check
-    from medseg_dpl.data.labels import DATASET_CLASSES
+    from medseg_dpl.data.readers import dataset_classes
     from medseg_dpl.utils import atomic_path
 
     stream = sys.stdout if stream is None else stream
@@ -396,8 +544,12 @@ def preprocess_dataset(dataset: str, raw, out, spacing: Sequence[float] | None =
     clip = (float(clip[0]), float(clip[1]))
     if not clip[1] > clip[0]:
         raise ValueError(f"clip must be LO < HI, got {clip}")
-    if dataset in DATASET_CLASSES and classes is not None:
+    if dataset in ("synapse", "amos", "nnunet") and classes is not None:
         raise ValueError(f"{dataset} has fixed classes; --classes is for nifti/dicom")
+    if modality is not None and modality not in MODALITIES:
+        raise ValueError(f"modality must be one of {', '.join(MODALITIES)}, got {modality!r}")
+    if ct_only and modality == "mr":
+        raise ValueError("--ct-only drops the MRI cases; it contradicts --modality mr")
     workers = default_workers() if workers is None else max(1, int(workers))
     n_classes_hint = len(resolve_classes(dataset, classes, None)) if classes is not None else None
     t0 = time.perf_counter()
@@ -410,12 +562,12 @@ def preprocess_dataset(dataset: str, raw, out, spacing: Sequence[float] | None =
         if problems:
             raise CheckError(problems)
         max_label = max([i["max_label"] for i in infos if i["max_label"] is not None] or [0])
-        names = resolve_classes(dataset, classes, max_label)
+        names = dataset_classes(dataset, raw) or resolve_classes(dataset, classes, max_label)
         if spacing is None:
             spacing = default_spacing(dataset, [i["spacing"] for i in infos])
         out.mkdir(parents=True, exist_ok=True)
         entries = parallel_map(partial(prep_case, out=out, spacing=spacing, clip=clip,
-                                       num_classes=len(names)),
+                                       num_classes=len(names), modality=modality),
                                cases, workers, desc="prep", progress=progress, executor=executor)
     finally:
         if executor is not None:
@@ -427,17 +579,24 @@ def preprocess_dataset(dataset: str, raw, out, spacing: Sequence[float] | None =
             totals += np.asarray(e["label_counts"], dtype=np.int64)
         case_list.append({k: e[k] for k in (
             "id", "image", "label", "subset", "source_image", "source_label", "original",
-            "resampled_shape", "crop_box", "shape", "affine", "spacing", "label_outside_crop")})
+            "resampled_shape", "crop_box", "shape", "affine", "spacing", "label_outside_crop",
+            "modality")})
+        if e.get("normalization"):
+            case_list[-1]["normalization"] = e["normalization"]
+    intensity = intensity_record([e["modality"] for e in entries], clip)
     manifest = {"dataset": dataset, "classes": names, "spacing": list(spacing), "orientation": "RAS",
-                "intensity": {"clip": list(clip)},
+                "intensity": intensity,
                 "label_counts": {n: int(v) for n, v in zip(names, totals)},
                 "cases": case_list}
     with atomic_path(out / "dataset.json") as tmp:
         tmp.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
     n_skip = sum(bool(e.get("skipped")) for e in entries)
     n_lab = sum(e["label"] is not None for e in entries)
+    n_mr = sum(e["modality"] == "mr" for e in entries)
+    scheme = [f"CT clip {list(clip)} HU -> [0, 1]"] if n_mr < len(entries) else []
+    scheme += [f"MR ({n_mr} case(s)) clip to body percentiles {list(MR_PERCENTILES)} + z-score"] if n_mr else []
     print(f"prepped {len(entries) - n_skip} case(s), skipped {n_skip} already done, into {out} "
-          f"({time.perf_counter() - t0:.1f} s); spacing {list(spacing)} mm, clip {list(clip)} HU",
+          f"({time.perf_counter() - t0:.1f} s); spacing {list(spacing)} mm, {'; '.join(scheme)}",
           file=stream)
     lost = [(e["id"], e["label_outside_crop"]) for e in entries if e.get("label_outside_crop")]
     for cid, n in lost:
