@@ -74,7 +74,7 @@ def test_organ_volume_ordering(default_cases):
         assert ml[i["spleen"]] > ml[i["gallbladder"]]
         for side in ("right", "left"):
             assert ml[i["spleen"]] > 0.5 * ml[i[f"{side}_kidney"]]
-            assert ml[i[f"{side}_kidney"]] > 2 * ml[i["gallbladder"]]
+            assert ml[i[f"{side}_kidney"]] > ml[i["gallbladder"]]   # a fasting gallbladder: up to ~60 ml
             assert ml[i["pancreas"]] > 4 * ml[i[f"{side}_adrenal_gland"]]
         # nominal published volumes, generous bounds (log-normal per-case variation)
         assert 900 < ml[i["liver"]] < 2300
@@ -91,9 +91,10 @@ def test_organ_intensities_overlap(default_cases):
         va, vb = c.image[c.label == i[a]], c.image[c.label == i[b]]
         return min(np.percentile(va, 90), np.percentile(vb, 90)) > max(np.percentile(va, 10),
                                                                          np.percentile(vb, 10))
+    for a, b in pairs:  # in most cases: a low-noise portal-venous scan may just separate a pair
+        hits = [overlap(c, a, b) for c in default_cases]
+        assert sum(hits) >= len(hits) - 1, (a, b, hits)
     for c in default_cases:
-        for a, b in pairs:
-            assert overlap(c, a, b), (a, b, c.info)
         # arterial and venous blood separate only in the arterial phase (as in real CT)
         assert overlap(c, "aorta", "postcava") == (c.info["phase"] != "arterial"), c.info
     # and the image is CT-like: air outside, fat, bone
@@ -162,3 +163,53 @@ def test_bad_arguments(tmp_path):
         phantom_case(0, 0, "synapse", (4, 40, 40))
     with pytest.raises(PhantomError, match="spacing"):
         phantom_case(0, 0, "synapse", SMALL, spacing=(1, -1, 2))
+
+
+@pytest.fixture(scope="module")
+def cohort():
+    """16 small AMOS cases: enough for between-patient spreads (the checks below are seeded)."""
+    return [phantom_case(7, i, "amos", SMALL) for i in range(16)]
+
+
+def test_inter_patient_variation_has_literature_magnitudes(cohort):
+    """Spreads between cases as in adult abdominal CT (sources: phantom.py's variation table).
+
+    Measured on the labels and the image, in the scan's own frame (what an atlas aligned on the
+    scan sees). The phantom before issue 9 had kidney-level SD ~9 mm, stomach CV ~0.2, scan
+    extent SD ~13 mm and body width CV ~0.06: every check below but the liver volume failed on it.
+    """
+    i = {n: k for k, n in enumerate(AMOS_CLASSES)}
+
+    def z_from_scan_centre(c, k):                      # mm, along the slice axis
+        return (np.argwhere(c.label == k)[:, 2].mean() - (c.label.shape[2] - 1) / 2) * abs(c.affine[2, 2])
+
+    def ml(c, organ):
+        return np.count_nonzero(c.label == i[organ]) * np.prod(c.info["spacing"]) / 1000
+
+    def cv(values):
+        return np.std(values, ddof=1) / np.mean(values)
+
+    # kidney level: renal hila at L1-L2 +- about one vertebra (~35 mm) -> SD >= ~15 mm
+    kidney_z = [np.mean([z_from_scan_centre(c, i[f"{s}_kidney"]) for s in ("right", "left")])
+                for c in cohort]
+    assert np.std(kidney_z, ddof=1) >= 15.0
+    # liver volume: SD ~20-25 % of the mean (standard liver volume studies)
+    assert 0.15 <= cv([ml(c, "liver") for c in cohort]) <= 0.35
+    # stomach filling: fasting .. after an oral drink
+    assert cv([ml(c, "stomach") for c in cohort]) >= 0.3
+    # scan extent: from just above the liver dome to well into the chest
+    assert np.std([c.label.shape[2] * abs(c.affine[2, 2]) for c in cohort], ddof=1) >= 20.0
+    # body habitus: body width (air/body boundary) varies like waist circumference (CV ~ 0.15)
+    widths = [np.ptp(np.nonzero((c.image > -500).any((1, 2)))[0]) * abs(c.affine[0, 0]) for c in cohort]
+    assert cv(widths) >= 0.09
+
+
+def test_natural_imbalance_kept(cohort):
+    """Liver about half of the organ voxels, each adrenal gland a fraction of a percent."""
+    i = {n: k for k, n in enumerate(AMOS_CLASSES)}
+    ml = sum(np.bincount(c.label.ravel(), minlength=len(AMOS_CLASSES)) * np.prod(c.info["spacing"])
+             for c in cohort)
+    share = ml[1:] / ml[1:].sum()
+    assert 0.4 < share[i["liver"] - 1] < 0.6
+    for side in ("right", "left"):
+        assert 0.0005 < share[i[f"{side}_adrenal_gland"] - 1] < 0.005

@@ -36,9 +36,12 @@ hilum level) and sampled on the voxel grid:
 * structures that the layout does not annotate are still in the image but labelled background
   (portal/splenic veins in AMOS; duodenum, bladder, prostate/uterus in Synapse; always the
   iliac vessels, bowel, heart, lungs, bones, muscles), as in the real annotations;
-* per-case variation: body size, fat thickness, organ volumes (log-normal), positions and
-  rotations, a common craniocaudal (breathing) shift, a smooth low-frequency displacement field
-  (sum of random sinusoids, ~5-8 mm) that bends every structure, bladder filling, sex;
+* per-case variation as between adult abdominal CTs (table below): body habitus (frame size,
+  subcutaneous fat), the vertebral level of the upper-abdominal organs (liver dome, spleen,
+  stomach, pancreas, kidneys) and of the kidneys on top, organ volumes (log-normal) and shapes,
+  stomach and gallbladder filling, positions and rotations, the scan's craniocaudal extent, a
+  smooth low-frequency displacement field (sum of random sinusoids, ~5-8 mm) that bends every
+  structure, bladder filling, sex;
 * intensities in HU that depend on a contrast phase drawn per case (non-contrast, arterial,
   portal venous, delayed) with per-organ jitter and smooth texture, so organ HU ranges overlap
   (liver, spleen, pancreas, kidneys, vessels, bowel wall and muscle all sit in 30-200 HU
@@ -48,7 +51,8 @@ hilum level) and sampled on the voxel grid:
   smoothing of the image; the label is sampled at voxel centres), int16 HU;
 * geometry: anisotropic spacing and non-trivial affines. In-plane spacing is a nominal
   0.7-1.0 mm scaled by 512/X (at least enough for the body to fit), the slice spacing is the
-  craniocaudal field of view (~42-46 cm, lung bases to below the prostate) over Z; axes are
+  craniocaudal field of view (~40-54 cm, from 1.5-10 cm above the liver dome to below the
+  prostate) over Z; axes are
   RAS, LPS (DICOM-derived) or LAS oriented, with a scanner-table origin offset. ``spacing=``
   fixes the spacing instead (then the field of view may cut organs).
 
@@ -56,6 +60,55 @@ Every labelled organ is present in every case: if sampling misses one (a tiny gr
 ``spacing`` whose field of view cuts it off), its centre voxel and the unclaimed voxels of the
 3x3x3 neighbourhood are assigned to it. At the default size (80, 80, 64) the smallest organs
 (adrenals) have a few dozen voxels; at 32-48^3 a handful.
+
+Per-case variation
+------------------
+Magnitudes from the anatomy/radiology literature for adults, fixed before any benchmark was run
+and never tuned for a method (issue 9). SD: standard deviation; "log SD": SD of log(volume),
+about the coefficient of variation (CV). Organ positions are in the patient frame, against the
+spine; measured in the scan's own frame the spreads are larger (the scan extent varies too):
+over 40 cases the kidney centroid's craniocaudal SD from the scan centre is ~21 mm (~13 mm
+before issue 9), liver volume CV ~0.21, spleen ~0.30, stomach ~0.31.
+
+Each line: quantity: phantom draw | literature value | source.
+
+* level of the upper-abdominal organs against the spine (liver dome, spleen, stomach, pancreas,
+  kidneys, heart, lung bases together): N(0, 15) mm craniocaudal, clipped to +-40 | diaphragm
+  domes, transpyloric plane and renal hila lie within about +-1 vertebra (~+-35 mm) of their
+  usual level; breath-hold depth adds to it (quiet-breathing liver excursion 10-25 mm) |
+  Mirjalili et al. 2012, Clin Anat 25 (thoracic and abdominal surface anatomy on CT at end-tidal
+  respiration); Langen & Jones 2001, Int J Radiat Oncol Biol Phys 50:265 (organ motion review);
+* kidney level, both kidneys, on top: N(0, 10) mm, clipped to +-30 | renal hila at L1-L2,
+  +-1 vertebra | Mirjalili et al. 2012, Clin Anat 25;
+* right kidney below the left: N(16, 7) mm | ~1-2 cm | Standring (ed.), Gray's Anatomy, 41st
+  ed., Elsevier 2016;
+* liver volume: median ~1.35 l, log SD 0.20 (+ shape) | ~1.5 l, SD ~20-25 % of the mean |
+  Heinemann et al. 1999, Liver Transpl Surg 5:366; Vauthey et al. 2002, Liver Transpl 8:233;
+  left-lobe size: a further log SD 0.30 (assumed);
+* spleen volume: median ~0.21 l, log SD 0.27 | CT mean 215 ml, range 107-315 ml; length ~7-13
+  cm | Prassopoulos et al. 1997, Eur Radiol 7:246; Chow et al. 2016, Radiology 279:306;
+* kidney volume: median ~0.12 l, log SD 0.18 | length ~11 cm, SD 0.8-1 cm (volume CV ~20 %) |
+  Emamian et al. 1993, AJR 160:83;
+* pancreas volume: median ~70 ml, log SD 0.25 | ~70-80 ml, SD ~25-30 % | Saisho et al. 2007,
+  Clin Anat 20:933;
+* stomach filling: median ~0.27 l, log SD 0.50 | fasting (< 0.1 l) to after an oral
+  water/contrast drink (0.5-1 l) | assumed from clinical CT protocols;
+* gallbladder filling: median ~30 ml, log SD 0.45 | fasting-dependent, ~10-60 ml | assumed;
+* organ shape and rotation: log SD 0.07 per semi-axis; rotation SD 6 deg (kidneys), 8 (spleen),
+  5 (liver) per axis | assumed;
+* other positions: N(0, 6) mm per axis plus the smooth displacement field | assumed (as before);
+* subcutaneous fat: median 25 mm, log SD 0.5, clipped to 8-70 mm | ~1-5 cm at the abdominal
+  wall | assumed, consistent with the waist spread below;
+* body size: skeletal frame SD 6 %, visceral cavity x (fat / 25 mm)^0.1: body width CV ~0.12 |
+  waist circumference of US adults ~100 cm, SD ~15 cm (CV ~0.15) | Fryar et al. 2012, Vital
+  Health Stat 11(252);
+* scan extent: bottom -300..-268 mm (below the symphysis, so the pelvic organs stay in view),
+  top 15-105 mm above the liver dome: 40-54 cm | Synapse/BTCV scans have 85-198 slices of
+  2.5-5 mm; abdominal CT starts at or above the diaphragm | Landman et al. 2015, MICCAI
+  Multi-Atlas Labeling Beyond the Cranial Vault workshop.
+
+The imbalance stays natural: over 40 cases the liver is ~48 % of the organ voxels (AMOS
+layout), each adrenal gland ~0.15 %.
 
 What it does not model
 ----------------------
@@ -219,6 +272,46 @@ def _smooth_field(rng, shape, coarse=6):
     return (f / (f.std() + 1e-6)).astype(np.float32)
 
 
+# Per-case anatomy variation (magnitudes and sources: the module docstring's table).
+_CAVITY_SEMI = (127.5, 79.5)   # nominal visceral-cavity semi-axes (mm): organ positions scale with it
+_VOLUME_LOG_SD = {             # SD of log(volume): CV ~= this for small values
+    "default": 0.15, "liver": 0.20, "liver_left_lobe": 0.30, "spleen": 0.27, "kidney": 0.18,
+    "pancreas": 0.25, "stomach": 0.50, "gallbladder": 0.45,
+}
+_SHAPE_LOG_SD = 0.07           # per-axis log SD on top (aspect ratio varies: shape, not just size)
+_ROTATION_SD_DEG = {"kidney": 6.0, "spleen": 8.0, "liver": 5.0}
+_DOME_Z = 135.0                # nominal liver dome height in the patient frame (mm)
+
+
+def _draw_variation(rng: np.random.Generator) -> dict:
+    """Draw one patient's habitus, organ levels and scan extent (mm; patient frame, +z superior).
+
+    Returns ``fat_mm``, ``wall_mm`` (subcutaneous fat and muscle wall thickness),
+    ``cavity_semi_mm`` (visceral cavity semi-axes x, y), ``upper_abdomen_shift_mm`` (liver
+    dome, spleen, stomach, pancreas, kidneys, heart and lung bases against the spine: vertebral
+    level and breath-hold depth), ``kidney_shift_mm`` (extra common kidney level),
+    ``kidney_right_below_left_mm``, ``scan_bottom_mm`` and ``scan_top_mm`` (field of view).
+    """
+    frame = np.exp(rng.normal(0, 0.06))                       # skeletal frame size
+    fat = float(np.clip(25.0 * np.exp(rng.normal(0, 0.5)), 8, 70))
+    visceral = (fat / 25.0) ** 0.1                            # adiposity also widens the cavity
+    cav = (_CAVITY_SEMI[0] * frame * visceral * np.exp(rng.normal(0, 0.03)),
+           _CAVITY_SEMI[1] * frame * visceral * np.exp(rng.normal(0, 0.05)))
+    dz = float(np.clip(rng.normal(0, 15), -40, 40))
+    return {
+        "fat_mm": fat,
+        "wall_mm": float(rng.uniform(8, 13)),
+        "cavity_semi_mm": tuple(float(c) for c in cav),
+        "upper_abdomen_shift_mm": dz,
+        "kidney_shift_mm": float(np.clip(rng.normal(0, 10), -30, 30)),
+        "kidney_right_below_left_mm": float(rng.normal(16, 7)),
+        # abdomen(-pelvis) scans: from a little (1.5 cm) to a lot (10 cm) above the liver dome,
+        # down past the pubic symphysis, so every labelled organ of both layouts is in view
+        "scan_bottom_mm": float(rng.uniform(-300, -268)),
+        "scan_top_mm": float(_DOME_Z + dz + rng.uniform(15, 105)),
+    }
+
+
 def _phase_table(phase: str) -> dict[str, float]:
     """Nominal mean HU per tissue for a contrast phase (literature-typical values)."""
     nc, art, pv, de = (phase == p for p in PHASES)
@@ -255,23 +348,23 @@ def phantom_case(seed: int, index: int, layout: str = "synapse",
     rng = np.random.default_rng([int(seed), int(index)])
     U = rng.uniform
 
-    # ---- body and acquisition geometry -------------------------------------------------
-    body_ax, body_ay = U(140, 172), U(95, 122)              # body semi-axes (mm)
-    fat = U(8, 28)
-    wall = U(8, 13)
-    cav_ax, cav_ay = body_ax - fat - wall, body_ay - fat - wall
+    # ---- body habitus, organ levels and scan extent (table "Per-case variation") ---------
+    va = _draw_variation(rng)
+    fat, wall, dz = va["fat_mm"], va["wall_mm"], va["upper_abdomen_shift_mm"]
+    cav_ax, cav_ay = va["cavity_semi_mm"]
+    body_ax, body_ay = cav_ax + fat + wall, cav_ay + fat + wall   # body semi-axes (mm)
+    z_bottom = va["scan_bottom_mm"]
     if spacing is None:
         sxy = max(U(0.7, 1.0) * 512 / shape[0], (2 * body_ax + 30) / shape[0],
                   (2 * body_ay + 30) / shape[1])
         sxy = round(sxy, 4)
-        fov_z = U(420, 460)
+        fov_z = va["scan_top_mm"] - z_bottom
         spacing_ = np.array([sxy, sxy, round(fov_z / shape[2], 4)])
     else:
         spacing_ = np.asarray(spacing, float)
         if spacing_.shape != (3,) or np.any(spacing_ <= 0):
             raise PhantomError(f"phantom spacing must be 3 positive numbers, got {spacing}")
     fov = spacing_ * np.array(shape)
-    z_bottom = -272.0 + U(-5, 5)
     center_patient = np.array([U(-10, 10), U(-8, 8), z_bottom + fov[2] / 2])
     orientation = str(rng.choice(["RAS", "LPS", "LAS"], p=[0.4, 0.4, 0.2]))
     signs = np.array([1 if c == r else -1 for c, r in zip(orientation, "RAS")], float)
@@ -301,10 +394,15 @@ def phantom_case(seed: int, index: int, layout: str = "synapse",
     margin = dmax + 1.0
 
     # ---- per-case anatomy draws ----------------------------------------------------------
-    sx_, sy_ = body_ax / 156.0, body_ay / 108.0          # body-relative position scaling
-    dz = U(-12, 12)                                      # breathing: upper abdomen shift
+    # organ positions scale with the visceral cavity (not with subcutaneous fat)
+    sx_, sy_ = cav_ax / _CAVITY_SEMI[0], cav_ay / _CAVITY_SEMI[1]
     jit = lambda s=6.0: rng.normal(0, s, 3)              # noqa: E731
-    vol = lambda s=0.15: np.exp(rng.normal(0, s)) ** (1 / 3) * np.exp(rng.normal(0, 0.05, 3))  # noqa: E731
+    sd = _VOLUME_LOG_SD
+
+    def vol(s=sd["default"]):
+        """Semi-axis factors (3,): log-normal volume (log SD ``s``) times a per-axis shape term."""
+        return np.exp(rng.normal(0, s)) ** (1 / 3) * np.exp(rng.normal(0, _SHAPE_LOG_SD, 3))
+
     pos = lambda x, y, z, s=6.0: np.array([x * sx_, y * sy_, z + dz]) + jit(s)  # noqa: E731
     ys = -cav_ay + 42 + U(-4, 4)                         # vertebral body centre (y)
     male = bool(rng.random() < 0.5)
@@ -404,8 +502,11 @@ def phantom_case(seed: int, index: int, layout: str = "synapse",
     ]), textured(hu["vein_portal"], 5), center=conf))
 
     # small organs
-    kr_c = pos(70, ys / sy_ + 14, -12)
-    kl_c = pos(-70, ys / sy_ + 14, 4)
+    # kidney level: a common retroperitoneal shift plus a right-below-left offset (mean 16 mm)
+    kz, k_rl = va["kidney_shift_mm"], va["kidney_right_below_left_mm"]
+    kr_c = pos(70, ys / sy_ + 14, -4 + kz - k_rl / 2)
+    kl_c = pos(-70, ys / sy_ + 14, -4 + kz + k_rl / 2)
+    rot_sd = _ROTATION_SD_DEG
     k_semi = np.array([26, 21, 54.0])
     add(_Structure("right_adrenal_gland",
                    _Ellipsoid(kr_c + [-30, 8, 60], np.array([5.5, 13, 17]) * vol(0.2), _rot(0, 10, 35)),
@@ -414,7 +515,7 @@ def phantom_case(seed: int, index: int, layout: str = "synapse",
                    _Ellipsoid(kl_c + [-30 * -1, 14, 50], np.array([5.5, 13, 17]) * vol(0.2), _rot(0, -10, -35)),
                    textured(hu["adrenal"], 5)))
     gb_c = pos(56, 46, 18, 7)
-    add(_Structure("gallbladder", _Ellipsoid(gb_c, np.array([15, 15, 31]) * vol(0.3),
+    add(_Structure("gallbladder", _Ellipsoid(gb_c, np.array([15, 15, 31]) * vol(sd["gallbladder"]),
                                              _rot(U(20, 40), U(-15, 15), 0)),
                    flat(hu["gallbladder"])))
     add(_Structure("esophagus",
@@ -423,10 +524,10 @@ def phantom_case(seed: int, index: int, layout: str = "synapse",
                    hollow(ys + 50, hu["gi_wall"], 20.0, U(0, 0.4))))
 
     # parenchymal organs
-    for name, c, rot in (("right_kidney", kr_c, _rot(U(-8, 8), -12, -25)),
-                         ("left_kidney", kl_c, _rot(U(-8, 8), 12, 25))):
-        add(_Structure(name, _Ellipsoid(c, k_semi * vol(), rot), kidney_hu))
-    pv = vol(0.2)
+    for name, c, side in (("right_kidney", kr_c, 1), ("left_kidney", kl_c, -1)):
+        rot = _rot(*(np.array([0, -12 * side, -25 * side]) + rng.normal(0, rot_sd["kidney"], 3)))
+        add(_Structure(name, _Ellipsoid(c, k_semi * vol(sd["kidney"]), rot), kidney_hu))
+    pv = vol(sd["pancreas"])
     pan = np.array([pos(30, ys / sy_ + 68, -2, 3), conf + [0, 10, 2], conf + [-40, 8, 14],
                     spl_c + [20, 24, -22]])
     add(_Structure("pancreas", _Tube(pan, np.array([17, 12.5, 11.5, 9.5]) * pv[0]),
@@ -436,9 +537,10 @@ def phantom_case(seed: int, index: int, layout: str = "synapse",
                     pos(20, ys / sy_ + 62, -42), pos(-22, ys / sy_ + 66, -36), pos(-32, ys / sy_ + 74, -12)])
     add(_Structure("duodenum", _Tube(duo, np.full(6, 11.5) * vol(0.15)[0]),
                    hollow(10, hu["gi_wall"], U(0, 30), duo_air)))
-    add(_Structure("spleen", _Ellipsoid(spl_c, np.array([23, 56, 45]) * vol(0.25), _rot(U(-10, 10), 0, 32)),
+    add(_Structure("spleen", _Ellipsoid(spl_c, np.array([23, 56, 45]) * vol(sd["spleen"]),
+                                        _rot(*(np.array([0, 0, 32.0]) + rng.normal(0, rot_sd["spleen"], 3)))),
                    textured(hu["spleen"], 9 if phase == "arterial" else 4)))
-    st_v = vol(0.2)
+    st_v = vol(sd["stomach"])                           # filling: fasting .. after a drink
     st_f = pos(-52, 14, 88)
     stomach = _Union([
         _Ellipsoid(st_f, np.array([34, 32, 34]) * st_v),
@@ -460,10 +562,12 @@ def phantom_case(seed: int, index: int, layout: str = "synapse",
                        textured(hu["uterus"], 6)))
     rectum = _Tube(np.array([[0, ys + 2, -140], [0, ys + 14, -200], [0, ys + 36, -275]]),
                    np.array([15, 17, 14.0]))
-    lv = vol(0.18)
+    lv = vol(sd["liver"])
+    left_lobe = lv * np.exp(rng.normal(0, sd["liver_left_lobe"])) ** (1 / 3)   # its share varies too
     add(_Structure("liver", _Union([
-        _Ellipsoid(pos(66, 4, 58, 5), np.array([72, 80, 70]) * lv, _rot(0, U(-8, 8), U(-8, 8))),
-        _Ellipsoid(pos(-14, 40, 78, 5), np.array([56, 30, 36]) * lv, _rot(0, -12, 15)),
+        _Ellipsoid(pos(66, 4, 58, 5), np.array([72, 80, 70]) * lv,
+                   _rot(*rng.normal(0, rot_sd["liver"], 3))),
+        _Ellipsoid(pos(-14, 40, 78, 5), np.array([56, 30, 36]) * left_lobe, _rot(0, -12, 15)),
     ]), textured(hu["liver"], 4)))
     add(_Structure("rectum", rectum, hollow(ys + 14, hu["gi_wall"], -200.0, 0.3)))
     # thoracic content: heart, lung bases (they fill around the liver dome)
@@ -561,7 +665,9 @@ def phantom_case(seed: int, index: int, layout: str = "synapse",
     info = {"seed": int(seed), "index": int(index), "layout": layout, "phase": phase,
             "orientation": orientation, "spacing": [float(s) for s in spacing_],
             "shape": list(shape), "sex": "M" if male else "F", "noise_sd_hu": round(float(noise_sd), 2),
-            "forced_organs": forced}
+            "forced_organs": forced,
+            "anatomy": {k: (round(v, 2) if isinstance(v, float) else [round(x, 2) for x in v])
+                        for k, v in va.items()}}
     return PhantomCase(image=image, label=label, affine=affine, info=info)
 
 
