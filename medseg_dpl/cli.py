@@ -12,7 +12,7 @@ import sys
 VERB_MODULES = [
     "medseg_dpl.data.cli",            # phantom, check, prep, split
     "medseg_dpl.engine.cli",          # train
-    "medseg_dpl.evaluation.cli",      # predict, eval, compare
+    "medseg_dpl.evaluation.cli",      # predict, eval, postprocess, compare
     "medseg_dpl.demo",                # demo
     "medseg_dpl.classification.cli",  # classify
 ]

@@ -64,12 +64,15 @@ def _set_transform_seed(dataset: Dataset, s: int) -> None:
 
 
 class TeacherVolumes:
-    """External predictions ``DIR/<id>.nii.gz`` on the preprocessed grid of each case.
+    """External predictions of each case: ``DIR/<id>_probs.npz`` or ``DIR/<id>.nii.gz``.
 
-    A 3D integer map is a label map: one-hot with label smoothing s, i.e. (1-s)·onehot + s/C
+    A 3D integer NIfTI is a label map: one-hot with label smoothing s, i.e. (1-s)·onehot + s/C
     (so the log is finite and a debiasing shift of a few nats can move a voxel across the
-    threshold only where the teacher is not certain). A 4D float map ``(X, Y, Z, C)`` or
-    ``(C, X, Y, Z)`` holds probabilities and is used as given (renormalised).
+    threshold only where the teacher is not certain). A 4D float NIfTI ``(X, Y, Z, C)`` or
+    ``(C, X, Y, Z)`` holds probabilities and is used as given (renormalised). NIfTI maps must
+    lie on the preprocessed grid. A ``<id>_probs.npz`` (``medseg-dpl predict --save-probs``:
+    softmax ``(C, X, Y, Z)`` + its ``affine``) may lie on any grid, e.g. the raw image's: it is
+    resampled trilinearly onto the preprocessed grid through its affine (preferred when both exist).
     """
 
     def __init__(self, pred_dir: str, prep_dir: str, manifest: dict, num_classes: int,
@@ -79,12 +82,17 @@ class TeacherVolumes:
         self.num_classes, self.smoothing = num_classes, smoothing
         self._cache: dict[str, tuple[np.ndarray, np.ndarray, bool]] = {}
 
+    def _npz(self, case_id: str) -> Path:
+        return self.pred_dir / f"{case_id}_probs.npz"
+
     def check(self, ids: Sequence[str]) -> None:
-        missing = [i for i in ids if not (self.pred_dir / f"{i}.nii.gz").is_file()]
+        missing = [i for i in ids if not (self.pred_dir / f"{i}.nii.gz").is_file()
+                   and not self._npz(i).is_file()]
         if missing:
             raise TeacherPredictionError(
                 f"teacher.predictions: {len(missing)} unlabeled case(s) have no prediction in "
-                f"{self.pred_dir}, e.g. {self.pred_dir / (missing[0] + '.nii.gz')}")
+                f"{self.pred_dir}, e.g. {self.pred_dir / (missing[0] + '.nii.gz')} "
+                f"(or {missing[0]}_probs.npz)")
 
     def volume(self, case_id: str):
         if case_id not in self._cache:
@@ -92,6 +100,18 @@ class TeacherVolumes:
             img_path = self.prep_dir / self.cases[case_id]["image"]
             shape = tuple(nib.load(str(img_path)).shape[:3])
             affine = nib.load(str(img_path)).affine
+            if self._npz(case_id).is_file():  # soft predictions on any grid -> the prep grid
+                from medseg_dpl.evaluation.probabilities import (ProbsFileError, load_probs_npz,
+                                                                 probs_on_grid)
+                try:
+                    probs, src_affine = load_probs_npz(self._npz(case_id))
+                except ProbsFileError as exc:
+                    raise TeacherPredictionError(str(exc)) from None
+                if probs.shape[0] != self.num_classes:
+                    raise TeacherPredictionError(f"{self._npz(case_id)}: {probs.shape[0]} classes, "
+                                                 f"expected {self.num_classes}")
+                self._cache[case_id] = (probs_on_grid(probs, src_affine, shape, affine), affine, False)
+                return self._cache[case_id]
             arr = np.asanyarray(nib.load(str(path)).dataobj)
             is_labels = arr.ndim == 3
             if not is_labels and arr.shape[:3] == shape:   # (X, Y, Z, C)

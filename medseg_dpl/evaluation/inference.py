@@ -16,7 +16,7 @@ def sliding_window_predict(model: nn.Module, image: torch.Tensor, roi_size: Sequ
 
     ``image`` ``(N, 1, X, Y, Z)`` on the model's device -> ``(N, C, X, Y, Z)`` float32.
     ``amp`` runs the network in bf16 autocast (CUDA only; ignored on CPU). ``tta_flip``
-    averages over the 8 combinations of flips along the three axes.
+    averages the softmax over the 8 combinations of flips along the three axes (8x the cost).
     """
     use_amp = amp and image.device.type == "cuda"
 
@@ -32,6 +32,12 @@ def sliding_window_predict(model: nn.Module, image: torch.Tensor, roi_size: Sequ
 
     if not tta_flip:
         return probs_of(image)
+    # Mirroring TTA as nnU-Net's: the softmax of each flipped input is flipped back before
+    # averaging, so every term is in the original frame and a voxel keeps its own side's label:
+    # a valid TTA although left/right organs are lateralised. Caveat: nnU-Net trains with
+    # mirroring, so its network tells sides apart by anatomy; our pipelines train without flips
+    # (data/pipelines.py), so a mirrored volume is unseen input and may cost Dice on the paired
+    # organs: measured in the README, off by default (eval.tta).
     flips = [(), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)]
     total = None
     for dims in flips:
