@@ -186,6 +186,18 @@ def test_cld_confidence_bank_window_then_ema():
     algo.record_confidence([half, half], target)
     algo.record_confidence([half, half], target)
     assert algo.conf[1, :3].tolist() == pytest.approx([0.5 * p + 0.125 for p in p_true], rel=1e-5)
+    assert algo.conf[1, 3] == 0                                  # absent class: unchanged
+
+
+def test_cld_code_bank_random_start_and_absent_class_as_zero():
+    algo = _algo("cld", _cfg("cld.conf_every=1", "cld.conf_momentum=0.5", "cld.code_bank=true"))
+    start = algo.conf.clone()
+    assert torch.equal(start[0], start[1]) and (start > 0).all() and (start < 1).all()
+    target = torch.tensor([[0, 0, 1, 1, 2, 2]])
+    algo.record_confidence([torch.zeros(1, C, 6)] * 2, target)   # first window replaces: 1/4, class 3 -> 0
+    assert algo.conf[0].tolist() == pytest.approx([0.25, 0.25, 0.25, 0.0])
+    algo.record_confidence([torch.zeros(1, C, 6)] * 2, target)
+    assert algo.conf[0, 3] == 0.0 and algo.conf[0, 0].item() == pytest.approx(0.25)
 
 
 @pytest.mark.parametrize("mask_by", ["pseudo_label", "prediction"])

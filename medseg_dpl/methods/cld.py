@@ -15,6 +15,7 @@ pseudo-label's class (``cld.mask_by: pseudo_label``, the method's description; `
 is the code: the trained network's own argmax); a class absent from the labeled voxels of a
 ``conf_every`` window keeps its confidence (the code averages it as 0); before the first window
 the banks are 0, i.e. everything is kept (the code starts from random confidences).
+``cld.code_bank: true`` restores both behaviours of the code.
 Inference uses A (the published evaluation averages A's and B's logits).
 """
 from __future__ import annotations
@@ -51,6 +52,8 @@ class CLD(CoTraining):
         self.register_buffer("conf_seen", torch.zeros(2, C))
         self.register_buffer("window", torch.zeros(2, 2, C))          # [net, (sum, count), C]
         self.register_buffer("window_steps", torch.zeros((), dtype=torch.long))
+        if cfg["cld"]["code_bank"]:  # the published start: random, B's a copy of A's
+            self.conf.copy_(torch.rand(C).expand(2, C))
 
     @torch.no_grad()
     def record_confidence(self, logits_l: list, target: torch.Tensor) -> None:
@@ -67,6 +70,8 @@ class CLD(CoTraining):
             return
         window = sum_over_ranks(self.window.clone())
         present = window[:, 1] > 0
+        if c["code_bank"]:  # the code: a class absent from the window counts as confidence 0
+            present = torch.ones_like(present)
         new = window[:, 0] / window[:, 1].clamp_min(1e-12)
         m = c["conf_momentum"]
         upd = torch.where(self.conf_seen > 0, m * self.conf + (1 - m) * new, new)
