@@ -228,3 +228,23 @@ def test_cld_step_keeps_voxels_by_class_rate(mask_by):
                                         "window_steps"}
     with pytest.raises(ValueError, match="cld.mask_by"):
         _algo("cld", _cfg("cld.mask_by=own"))
+
+
+# ------------------------------------------------------------------------------ in the trainer
+@pytest.mark.parametrize("method,vector", [("dhc", "weight_b"), ("cld", "keep_rate_a")])
+def test_trains_with_two_networks_and_logs_per_class_curves(tmp_path, method, vector):
+    from train_helpers import CLASSES, make_tiny_prep, tiny_cfg
+
+    from medseg_dpl.engine.trainer import train
+    prep = make_tiny_prep(tmp_path / "prep")
+    train(tiny_cfg(prep, method, "train.steps=2", "train.val_every=2", "train.checkpoint_every=2",
+                   "eval.postprocess=false"), tmp_path / "run")
+    ck = torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=True)
+    assert "student2" in ck and ck["model"].keys() == ck["student"].keys()
+    assert all(torch.equal(ck["model"][k], ck["student"][k]) for k in ck["model"])   # inference: A
+    assert not all(torch.equal(ck["student"][k], ck["student2"][k]) for k in ck["student"])
+    log = (tmp_path / "run/train.log").read_text()
+    assert f"{vector}=[" in log   # the trainer writes one TensorBoard curve per class for (C,) logs
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    tags = EventAccumulator(str(tmp_path / "run/tb")).Reload().Tags()["scalars"]
+    assert {f"{vector}/{c}" for c in CLASSES} <= set(tags)
