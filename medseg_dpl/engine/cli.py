@@ -24,7 +24,7 @@ def run_train(args) -> int:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "train", help="train a 3D segmentation model (supervised, fixmatch, debiaspl, cps_depl)",
+        "train", help="train a 3D segmentation model (supervised, fixmatch, debiaspl, cps_depl, dhc, cld)",
         description="Train on a PREP_DIR (data.root). Overrides are dotted key=value pairs, e.g. "
                     "data.root=prep method.name=debiaspl train.steps=300. Under torchrun it runs DDP.")
     p.add_argument("--config", required=True, help="YAML config (see configs/)")
