@@ -4,7 +4,7 @@ The defaults dict *is* the schema: a key that is not in it is an error, and a va
 the type of its default (ints are accepted where floats are expected; a default of ``None``
 accepts anything). Errors name the offending dotted key.
 
-    cfg = load_config("configs/phantom_debiaspl.yaml", ["optim.lr=0.01"], SEG_DEFAULTS)
+    cfg = load_config("configs/phantom.yaml", ["optim.lr=0.01"], SEG_DEFAULTS)
     cfg["optim"]["lr"]  # 0.01
 """
 from __future__ import annotations

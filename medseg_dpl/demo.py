@@ -5,7 +5,11 @@ DebiasPL (per seed) -> eval on the held-out test cases -> per-organ Dice table, 
 chart and the pseudo-label class-distribution figure (the paper's central observation, for
 organs). ``--quick`` is the small version the test suite runs.
 
-Outputs in ``--out``: ``results.csv`` (method, seed, organ, dice), ``results.md`` (the printed
+Each seed draws its own split (test, eval and labeled cases) and initialisation; networks are
+evaluated after the run's connected-component post-processing (chosen on the eval split).
+
+Outputs in ``--out``: ``results.csv`` (method, seed, organ, dice; dice_raw before
+post-processing), ``results.md`` (the printed
 table), ``dice_per_organ.png``, ``pseudo_label_distribution.png``, and below ``runs/`` each
 run's folder (checkpoints, TensorBoard ``tb/``, ``eval/`` with per-case CSVs and overlays).
 """
@@ -23,26 +27,42 @@ import numpy as np
 
 METHODS = ("supervised", "fixmatch", "debiaspl")
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+# Benchmark rows that are a registered method with fixed overrides (the paper-exact DebiasPL is
+# kept as a row next to the default variant), and "atlas", the no-learning floor.
+ALIASES = {
+    "debiaspl_paper": ("debiaspl", ["debias.variant=paper", "debias.reference=uniform"]),
+    "debiaspl_classthr": ("debiaspl", ["debias.class_thresholds=true"]),
+}
+ATLAS = "atlas"
 
-# Sizes: the default fits ~20 min on 2 CPU cores, --quick ~3 min (it is what the tests run).
+# Sizes: the default fits ~10 min on 2 CPU cores, --quick ~3 min (it is what the tests run).
 SETTINGS = {
-    "default": {"cases": 30, "shape": (80, 80, 64), "steps": 600, "val_every": 200},
-    "quick": {"cases": 10, "shape": (40, 40, 32), "steps": 40, "val_every": 40},
+    "default": {"cases": 30, "shape": (80, 80, 64), "steps": 600, "val_every": 150},
+    "quick": {"cases": 10, "shape": (40, 40, 32), "steps": 40, "val_every": 20,
+              "extra": ["data.patch_size=[24,24,24]"]},
 }
 
 
-def _config(method: str, prep: Path, tag: str, seed: int, steps: int, val_every: int,
-            device: str, progress: bool, extra: Sequence[str]) -> dict:
+def known_rows() -> list[str]:
+    """Every name ``methods=`` accepts: registered methods, aliases, ``atlas``."""
+    from medseg_dpl.methods import METHODS as REGISTRY
+    return [*REGISTRY, *ALIASES, ATLAS]
+
+
+def _config(row: str, prep: Path, splits: Path, tag: str, seed: int, steps: int, val_every: int,
+            device: str, progress: bool, extra: Sequence[str], config: Path | None = None) -> dict:
     from medseg_dpl.config import load_config
     from medseg_dpl.engine.defaults import SEG_DEFAULTS
 
-    path = CONFIG_DIR / f"phantom_{method}.yaml"
-    overrides = [f"data.root={prep}", f"data.labeled_split=labeled_{tag}",
-                 f"data.unlabeled_split=unlabeled_{tag}", f"train.seed={seed}",
+    method, fixed = ALIASES.get(row, (row, []))
+    overrides = [f"method.name={method}", *fixed, f"data.root={prep}",
+                 f"data.labeled_split={splits / f'labeled_{tag}.txt'}",
+                 f"data.unlabeled_split={splits / f'unlabeled_{tag}.txt'}",
+                 f"data.eval_split={splits / 'eval.txt'}", f"train.seed={seed}",
                  f"train.steps={steps}", f"train.val_every={val_every}",
                  f"train.checkpoint_every={val_every}", f"train.device={device}",
                  f"train.progress={str(progress).lower()}", *extra]
-    return load_config(path, overrides, SEG_DEFAULTS)
+    return load_config(config or CONFIG_DIR / "phantom.yaml", overrides, SEG_DEFAULTS)
 
 
 def pseudo_label_figure(reports: dict[str, list[dict]], path: Path) -> Path:
@@ -82,8 +102,8 @@ def pseudo_label_figure(reports: dict[str, list[dict]], path: Path) -> Path:
 
 
 def results_markdown(rows: list[dict], organs: Sequence[str], methods: Sequence[str]) -> str:
-    """Methods as rows, organs as columns: Dice (%) mean ± std over seeds; first column the
-    mean over organs (per seed, then over seeds)."""
+    """Methods as rows, organs as columns: Dice (%) mean ± std over seeds; first columns the
+    mean over organs (per seed, then over seeds) after post-processing and raw."""
     from medseg_dpl.data.labels import short_name
 
     def pm(values):
@@ -92,34 +112,48 @@ def results_markdown(rows: list[dict], organs: Sequence[str], methods: Sequence[
             return "–"
         return f"{v.mean():.1f}" if v.size == 1 else f"{v.mean():.1f} ± {v.std():.1f}"
 
-    head = ["Method", "Mean"] + [short_name(o) for o in organs]
+    head = ["Method", "Mean", "Mean (raw)"] + [short_name(o) for o in organs]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in methods:
         seeds = sorted({r["seed"] for r in rows if r["method"] == m})
-        per_seed_mean = [np.nanmean([r["dice"] for r in rows if r["method"] == m and r["seed"] == s])
-                         for s in seeds]
+        means = {k: [np.nanmean([r.get(k, r["dice"]) for r in rows if r["method"] == m and r["seed"] == s])
+                     for s in seeds] for k in ("dice", "dice_raw")}
         cells = [pm([r["dice"] for r in rows if r["method"] == m and r["organ"] == o]) for o in organs]
-        lines.append("| " + " | ".join([m, pm(per_seed_mean)] + cells) + " |")
+        lines.append("| " + " | ".join([m, pm(means["dice"]), pm(means["dice_raw"])] + cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def run_demo(out: str | Path, quick: bool = False, labeled: float = 0.2,
              seeds: Sequence[int] = (0,), layout: str = "synapse", methods: Sequence[str] = METHODS,
              cases: int | None = None, steps: int | None = None, device: str = "auto",
-             progress: bool = True, extra: Sequence[str] = ()) -> dict:
-    """Run the demo into ``out``; returns ``{"rows": [...], "table": markdown, "paths": {...}}``."""
+             progress: bool = True, extra: Sequence[str] = (), data: str | Path | None = None,
+             config: str | Path | None = None, split_lists: dict | None = None) -> dict:
+    """Run the demo (or one fraction of the benchmark) into ``out``.
+
+    ``data``: an existing PREP_DIR instead of the phantom; ``config``: the base config (default
+    ``configs/phantom.yaml``); ``split_lists``: seed -> folder of split lists to import.
+    Each seed draws its own split (``out/splits/seed<S>/``: test, eval and labeled cases) as
+    well as its own initialisation. Returns ``{"rows": [...], "table": markdown, "paths": {...},
+    "runs": {(row, seed): run dir}, "splits": {seed: folder}}``; rows hold method, seed, organ,
+    dice (test split, after the run's post-processing), dice_raw (before).
+    """
     from medseg_dpl.data import make_splits, preprocess_dataset
     from medseg_dpl.data.phantom import make_phantom
     from medseg_dpl.data.splits import fraction_tag
     from medseg_dpl.engine.trainer import train
+    from medseg_dpl.evaluation.atlas import evaluate_atlas
     from medseg_dpl.evaluation.compare import plot_grouped_dice
     from medseg_dpl.evaluation.evaluate import evaluate_checkpoint
 
+    unknown = [m for m in methods if m not in known_rows()]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; known: {', '.join(known_rows())}")
     s = dict(SETTINGS["quick" if quick else "default"])
     if cases is not None:
         s["cases"] = cases
     if steps is not None:
-        s["steps"], s["val_every"] = steps, max(1, steps // 2)
+        s["steps"], s["val_every"] = steps, max(1, steps // 4)
+    extra = [*s.get("extra", []), *extra]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -127,41 +161,60 @@ def run_demo(out: str | Path, quick: bool = False, labeled: float = 0.2,
     def stage(msg):
         print(f"[demo {time.perf_counter() - t0:6.0f}s] {msg}", flush=True)
 
-    raw, prep = out / "raw", out / "prep"
-    stage(f"1/5 phantom: {s['cases']} cases of {s['shape']} voxels, {layout} layout -> {raw}")
-    make_phantom(raw, layout=layout, cases=s["cases"], seed=0, shape=s["shape"], progress=progress)
-    stage(f"2/5 check + preprocess -> {prep}")
-    preprocess_dataset(layout, raw, prep, progress=progress)
-    splits = make_splits(prep, labeled=labeled, seed=0)
+    if data is None:
+        raw, prep = out / "raw", out / "prep"
+        stage(f"1/5 phantom: {s['cases']} cases of {s['shape']} voxels, {layout} layout -> {raw}")
+        make_phantom(raw, layout=layout, cases=s["cases"], seed=0, shape=s["shape"], progress=progress)
+        stage(f"2/5 check + preprocess -> {prep}")
+        preprocess_dataset(layout, raw, prep, progress=progress)
+    else:
+        prep = Path(data)
+        stage(f"1-2/5 data: {prep}")
     tag = fraction_tag(labeled)
-    stage(f"    splits: {len(splits['train'])} train ({len(splits[f'labeled_{tag}'])} labeled), "
-          f"{len(splits['eval'])} eval, {len(splits['test'])} test")
+    split_dirs = {}
+    for seed in seeds:
+        split_dirs[seed] = out / "splits" / f"seed{seed}"
+        lists = (split_lists or {}).get(seed)
+        sp = make_splits(prep, labeled=labeled, seed=seed, from_lists=lists, out_dir=split_dirs[seed])
+        stage(f"    seed {seed} split: {len(sp['train'])} train ({len(sp[f'labeled_{tag}'])} labeled: "
+              f"{', '.join(sp[f'labeled_{tag}'])}), {len(sp['eval'])} eval, {len(sp['test'])} test")
 
     rows: list[dict] = []
     reports: dict[str, list[dict]] = {}
+    runs: dict = {}
     organs: list[str] = []
     for method in methods:
         for seed in seeds:
-            run = out / "runs" / f"{method}_seed{seed}"
-            stage(f"3/5 train {method} (seed {seed}, {s['steps']} steps) -> {run}")
-            cfg = _config(method, prep, tag, seed, s["steps"], s["val_every"], device, progress, extra)
-            train(cfg, run)
-            stage(f"4/5 eval {method} (seed {seed}) on the test split")
-            summary = evaluate_checkpoint(run / "checkpoints" / "best.pt", prep, run / "eval",
-                                          split="test", method=method, progress=progress,
-                                          num_overlays=1)
+            run, sd = out / "runs" / f"{method}_seed{seed}", split_dirs[seed]
+            runs[(method, seed)] = run
+            if method == ATLAS:
+                stage(f"3-4/5 atlas (seed {seed}): best labeled case on eval, scored on test")
+                summary = evaluate_atlas(prep, str(sd / f"labeled_{tag}.txt"), str(sd / "eval.txt"),
+                                         str(sd / "test.txt"), run / "eval", method=ATLAS)
+            else:
+                stage(f"3/5 train {method} (seed {seed}, {s['steps']} steps) -> {run}")
+                cfg = _config(method, prep, sd, tag, seed, s["steps"], s["val_every"], device, progress,
+                              extra, Path(config) if config else None)
+                train(cfg, run)
+                stage(f"4/5 eval {method} (seed {seed}) on the test split")
+                summary = evaluate_checkpoint(run / "checkpoints" / "best.pt", prep, run / "eval",
+                                              split=str(sd / "test.txt"), method=method, progress=progress,
+                                              num_overlays=1)
             organs = list(summary["organs"])
+            raw = summary.get("raw", summary)
             for organ in organs:
                 dice = summary["per_organ"][organ]["dice"]["mean"]  # None: absent in every test case
+                dice_raw = raw["per_organ"][organ]["dice"]["mean"]
                 rows.append({"method": method, "seed": seed, "organ": organ,
-                             "dice": float("nan") if dice is None else dice})
+                             "dice": float("nan") if dice is None else dice,
+                             "dice_raw": float("nan") if dice_raw is None else dice_raw})
             pl = run / "pseudo_labels.json"
-            if method != "supervised" and pl.exists():
+            if method not in ("supervised", ATLAS) and pl.exists():
                 reports.setdefault(method, []).append(json.loads(pl.read_text(encoding="utf-8")))
 
     stage("5/5 tables and figures")
     with open(out / "results.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=["method", "seed", "organ", "dice"])
+        w = csv.DictWriter(f, fieldnames=["method", "seed", "organ", "dice", "dice_raw"])
         w.writeheader()
         w.writerows(rows)
     table = results_markdown(rows, organs, methods)
@@ -176,15 +229,16 @@ def run_demo(out: str | Path, quick: bool = False, labeled: float = 0.2,
         means = [np.nanmean([r["dice"] for r in rows if r["method"] == m and r["seed"] == sd])
                  for sd in seeds]
         grouped["methods"][m] = {"dice": dice, "avg_dice": [float(np.mean(means)), float(np.std(means))]}
+    where = "phantom" if data is None else Path(data).name
     plot_grouped_dice(grouped, out / "dice_per_organ.png",
-                      title=f"Dice per organ, phantom test cases, {labeled:.0%} labeled")
+                      title=f"Dice per organ, {where} test cases, {labeled:.0%} labeled")
     paths = {"results_csv": out / "results.csv", "results_md": out / "results.md",
              "dice_per_organ": out / "dice_per_organ.png"}
     if reports:
         paths["pseudo_label_distribution"] = pseudo_label_figure(reports, out / "pseudo_label_distribution.png")
     print(table)
     stage(f"done; outputs in {out}")
-    return {"rows": rows, "table": table, "paths": paths}
+    return {"rows": rows, "table": table, "paths": paths, "runs": runs, "splits": split_dirs}
 
 
 def _cmd_demo(args) -> int:
@@ -208,7 +262,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     p.add_argument("--quick", action="store_true", help="small and fast (~3 min on 2 CPU cores)")
     p.add_argument("--labeled", type=float, default=0.2, help="labeled fraction of the train cases")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (default: 0)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="seeds; each draws its own split and initialisation (default: 0)")
     p.add_argument("--layout", choices=["synapse", "amos"], default="synapse")
     p.add_argument("--cases", type=int, default=None, help="phantom cases (default: 30, quick: 10)")
     p.add_argument("--steps", type=int, default=None, help="training steps per run")

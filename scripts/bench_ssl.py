@@ -1,15 +1,22 @@
 #!/usr/bin/env python
-"""Benchmark: supervised vs FixMatch vs DebiasPL on the phantom, held-out test cases.
+"""Benchmark: methods side by side on held-out test cases, one split per seed.
 
-For each labeled fraction (default 5 % and 20 %) it runs the demo pipeline (`run_demo`: phantom
--> prep -> split -> train each method per seed -> eval on the test split) into
-``OUT/<P>p/`` and prints, per fraction, the per-organ Dice table (methods as rows, mean ± std
-over seeds) and the pseudo-label class distribution of the final teachers on the unlabeled
-cases (organ shares, mean over seeds) next to the true one.
+For each labeled fraction it runs :func:`medseg_dpl.demo.run_demo` into ``OUT/<P>p/``: the
+phantom (or ``--data PREP``, e.g. the CHAOS MR prep of ``scripts/bench_real.py``) -> per-seed
+splits (each seed draws its own test, eval and labeled cases and its own initialisation) ->
+train every method -> eval on the test split. It writes ``OUT/<P>p/results.csv`` (method, seed,
+organ, dice on the test split after post-processing, dice_raw before) and prints, per fraction:
 
-    python scripts/bench_ssl.py --out bench_ssl_out                    # 3 seeds, 5 % and 20 %
-    python scripts/bench_ssl.py --out X --fractions 0.2 --seeds 0 debias.reference=uniform
-    python scripts/bench_ssl.py --out X --methods debiaspl -- debias.response=hard
+* test Dice per organ (mean ± std over seeds; post-processed headline, raw mean beside it);
+* the mean Dice of the five smallest organs where the data set has them;
+* per-seed paired differences of every method against FixMatch and supervised;
+* the eval-split Dice (what every setting is chosen on) at 25/50/75/100 % of the steps;
+* the pseudo-label organ shares (final teacher, whole unlabeled volumes) vs the truth, and
+  the crop-level shares, precision and recall of the confident pseudo-labels.
+
+    python scripts/bench_ssl.py --out bench_ssl_out                      # 3 seeds, 5 % and 20 %
+    python scripts/bench_ssl.py --out X --fractions 0.2 --seeds 0 --methods atlas supervised fixmatch
+    python scripts/bench_ssl.py --out X --methods debiaspl -- debias.tau=0.5
 """
 from __future__ import annotations
 
@@ -21,35 +28,125 @@ from pathlib import Path
 import numpy as np
 
 from medseg_dpl.data.labels import short_name
-from medseg_dpl.demo import METHODS, run_demo
+from medseg_dpl.demo import ATLAS, METHODS, known_rows, run_demo
+
+SMALL_ORGANS = ("gallbladder", "esophagus", "portal_splenic_veins", "right_adrenal_gland",
+                "left_adrenal_gland")
 
 
-def distribution_table(run_root: Path, methods, seeds) -> str:
-    """Organ share (%) of the final pseudo-labels per method vs truth, mean over seeds."""
-    rows, organs, truth = {}, None, []
+def _per_seed_mean(rows, method, key="dice", organs=None) -> dict[int, float]:
+    out = {}
+    for r in rows:
+        if r["method"] == method and (organs is None or r["organ"] in organs):
+            out.setdefault(r["seed"], []).append(r[key])
+    return {s: float(np.nanmean(v)) for s, v in out.items()}
+
+
+def _pm(values) -> str:
+    v = np.asarray([x for x in values if np.isfinite(x)], float) * 100
+    if not v.size:
+        return "–"
+    return f"{v.mean():.1f}" if v.size == 1 else f"{v.mean():.1f} ± {v.std():.1f}"
+
+
+def summary_table(rows, methods) -> str:
+    """Mean, raw mean and five-smallest-organ mean per method; mean ± std over seeds."""
+    organs = {r["organ"] for r in rows}
+    small = [o for o in SMALL_ORGANS if o in organs]
+    head = ["method", "mean Dice", "raw mean", *(["5 smallest organs"] if small else []), "seeds"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in methods:
+        mean = _per_seed_mean(rows, m)
+        cells = [m, _pm(mean.values()), _pm(_per_seed_mean(rows, m, "dice_raw").values())]
+        if small:
+            cells.append(_pm(_per_seed_mean(rows, m, organs=small).values()))
+        lines.append("| " + " | ".join(cells + [str(len(mean))]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def paired_table(rows, methods) -> str:
+    """Per-seed differences (Dice points) of each method against fixmatch and supervised."""
+    refs = [r for r in ("fixmatch", "supervised") if r in methods]
+    if not refs:
+        return ""
+    seeds = sorted({r["seed"] for r in rows})
+    head = ["method", "vs"] + [f"seed {s}" for s in seeds] + ["mean", "wins"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for ref in refs:
+        base = _per_seed_mean(rows, ref)
+        for m in methods:
+            if m == ref:
+                continue
+            mine = _per_seed_mean(rows, m)
+            d = [100 * (mine[s] - base[s]) if s in mine and s in base else float("nan") for s in seeds]
+            ok = [x for x in d if np.isfinite(x)]
+            lines.append("| " + " | ".join([m, ref] + [f"{x:+.1f}" for x in d]
+                                           + [f"{np.mean(ok):+.1f}" if ok else "–",
+                                              f"{sum(x > 0 for x in ok)}/{len(ok)}"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def eval_curve_table(runs: dict, methods, seeds) -> str:
+    """Eval-split mean Dice (raw, preprocessed grid) at each validation, mean ± std over seeds."""
+    curves: dict[str, dict[int, list]] = {}
+    steps = []
+    for m in methods:
+        for s in seeds:
+            p = runs.get((m, s), Path("-")) / "metrics.json"
+            if not p.exists():
+                continue
+            hist = json.loads(p.read_text(encoding="utf-8")).get("val_history", [])
+            for h in hist:
+                curves.setdefault(m, {}).setdefault(h["step"], []).append(h["dice_mean"])
+                steps.append(h["step"])
+    if not curves:
+        return ""
+    steps = sorted(set(steps))
+    head = ["eval Dice at step"] + [str(s) for s in steps] + ["best"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m, by_step in curves.items():
+        best = [max(v) for v in zip(*[by_step[s] for s in steps if s in by_step])] if by_step else []
+        lines.append("| " + " | ".join([m] + [_pm(by_step.get(s, [])) for s in steps] + [_pm(best)]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def distribution_table(runs: dict, methods, seeds) -> str:
+    """Organ share (%) of the pseudo-labels per method vs truth, mean over seeds: the final
+    teacher on whole unlabeled volumes, and the confident pseudo-labels of the last training
+    crops (with their precision and recall) where the crops' truth is known."""
+    rows, organs, truth, crop = {}, None, [], {}
     for m in methods:
         shares = []
         for s in seeds:
-            p = run_root / "runs" / f"{m}_seed{s}" / "pseudo_labels.json"
-            if not p.exists():
+            p = runs.get((m, s), Path("-")) / "pseudo_labels.json"
+            if m in ("supervised", ATLAS) or not p.exists():
                 continue
             r = json.loads(p.read_text(encoding="utf-8"))
             organs = r["classes"][1:]
             shares.append(r["organ_share"]["pseudo_label"])
             if r["organ_share"]["true"]:
                 truth.append(r["organ_share"]["true"])
+            hist = [h for h in r.get("crop_history", []) if "precision" in h]
+            if hist:  # the last quarter of training
+                tail = hist[-max(1, len(hist) // 4):]
+                crop.setdefault(m, []).append({k: np.nanmean([h[k] for h in tail], axis=0)
+                                               for k in ("pl_share", "true_share", "precision", "recall")})
         if shares:
-            rows[f"{m} pseudo-labels"] = np.mean(shares, axis=0)
+            rows[f"{m}, volumes"] = np.mean(shares, axis=0)
     if organs is None:
         return "(no pseudo_labels.json found)\n"
     if truth:
         rows = {"true (unlabeled cases)": np.mean(truth, axis=0), **rows}
-    head = ["organ share %"] + [short_name(o) for o in organs] + ["max/min"]
+    for m, stats in crop.items():
+        rows[f"{m}, crops: share"] = np.mean([x["pl_share"] for x in stats], axis=0)
+        rows[f"{m}, crops: true share"] = np.mean([x["true_share"] for x in stats], axis=0)
+        rows[f"{m}, crops: precision"] = np.nanmean([x["precision"][1:] for x in stats], axis=0)
+        rows[f"{m}, crops: recall"] = np.nanmean([x["recall"][1:] for x in stats], axis=0)
+    head = ["organ share / PL quality (%)"] + [short_name(o) for o in organs]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, share in rows.items():
-        share = np.asarray(share)
-        ratio = share.max() / share.min() if share.min() > 0 else float("inf")
-        lines.append("| " + " | ".join([name] + [f"{100 * v:.1f}" for v in share] + [f"{ratio:.0f}"]) + " |")
+        lines.append("| " + " | ".join([name] + [f"{100 * v:.1f}" if np.isfinite(v) else "–"
+                                                 for v in np.asarray(share, float)]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -58,25 +155,38 @@ def main() -> None:
     ap.add_argument("--out", default="bench_ssl_out")
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.2])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--methods", nargs="+", default=list(METHODS),
-                    choices=["supervised", "fixmatch", "debiaspl", "cps_depl"],
-                    help="end the list with -- before overrides")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), metavar="M",
+                    help=f"any of {', '.join(known_rows())}; end the list with -- before overrides")
+    ap.add_argument("--data", default=None, help="an existing PREP_DIR instead of the phantom")
+    ap.add_argument("--config", default=None, help="base config (default: configs/phantom.yaml)")
     ap.add_argument("--cases", type=int, default=None, help="phantom cases (default: the demo's)")
-    ap.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's)")
+    ap.add_argument("--steps", type=int, default=None, help="training steps (default: the config's "
+                    "demo setting)")
     ap.add_argument("--quick", action="store_true", help="the demo's quick sizes (a smoke test)")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
     args = ap.parse_args()
+    bad = [m for m in args.methods if m not in known_rows()]
+    if bad:
+        ap.error(f"unknown method(s) {bad}; known: {', '.join(known_rows())}")
 
     t0 = time.perf_counter()
     report = []
     for frac in args.fractions:
         root = Path(args.out) / f"{round(100 * frac)}p"
         res = run_demo(root, quick=args.quick, labeled=frac, seeds=args.seeds, methods=args.methods,
-                       cases=args.cases, steps=args.steps, progress=False, extra=args.overrides)
-        report.append(f"### {frac:.0%} labeled — Dice (%) on the held-out test cases, "
-                      f"mean ± std over seeds {args.seeds}\n\n{res['table']}\n"
-                      f"Pseudo-label class distribution (final teacher, unlabeled training cases):\n\n"
-                      f"{distribution_table(root, [m for m in args.methods if m != 'supervised'], args.seeds)}")
+                       cases=args.cases, steps=args.steps, progress=False, extra=args.overrides,
+                       data=args.data, config=args.config)
+        rows = res["rows"]
+        report.append(
+            f"### {frac:.0%} labeled — test split, Dice (%), mean ± std over seeds {args.seeds} "
+            f"(each seed its own split)\n\n{summary_table(rows, args.methods)}\n{res['table']}\n"
+            f"Paired per-seed differences of mean Dice (points, test split):\n\n"
+            f"{paired_table(rows, args.methods)}\n"
+            f"Eval split (the one settings are chosen on), mean Dice (%) during training:\n\n"
+            f"{eval_curve_table(res['runs'], args.methods, args.seeds)}\n"
+            f"Pseudo-labels: organ shares (final teacher, whole unlabeled volumes; training crops, "
+            f"last quarter) and crop-level precision/recall:\n\n"
+            f"{distribution_table(res['runs'], args.methods, args.seeds)}")
     text = "\n".join(report) + f"\n_total {time.perf_counter() - t0:.0f} s; overrides: {args.overrides or 'none'}_\n"
     (Path(args.out) / "bench_ssl.md").write_text(text, encoding="utf-8")
     print("\n" + text)

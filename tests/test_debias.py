@@ -260,3 +260,54 @@ def test_response_ema_all_reduce_two_process_gloo(tmp_path):
     # The global mean differs from either rank's local mean: the reduce really happened.
     local0 = 0.8 * (0.8 * (0.8 / 3 + 0.2 * flat[0].mean(0)) + 0.2 * flat[0][masks[0]].mean(0))
     assert np.abs(local0 - ref).max() > 1e-3
+
+
+# ---- voxel-aware additions ---------------------------------------------------------------
+
+def test_organ_only_bias_renormalises_without_background_and_clips():
+    from medseg_dpl.core.debias import classwise_thresholds  # noqa: F401 (import check)
+    q = torch.tensor([0.90, 0.07, 0.02, 0.01])
+    pi = torch.tensor([0.80, 0.10, 0.06, 0.04])
+    b = log_bias(q, pi, ignore_index=0).double().numpy()
+    qo, po = q[1:].double().numpy() / 0.10, pi[1:].double().numpy() / 0.20
+    np.testing.assert_allclose(b, [0.0, *np.log(qo / po)], rtol=1e-5)
+    clipped = log_bias(q, pi, ignore_index=0, clip=0.3).numpy()
+    np.testing.assert_allclose(clipped, [0.0, *np.clip(np.log(qo / po), -0.3, 0.3)], rtol=1e-5)
+    # the background's share does not move the organs' biases
+    q2 = torch.tensor([0.50, 0.35, 0.10, 0.05])
+    np.testing.assert_allclose(log_bias(q2, pi, ignore_index=0).numpy(), b, rtol=1e-5)
+    # and a (N, C, D, H, W) logit tensor gets exactly that bias
+    z = torch.randn(2, 4, 3, 3, 3)
+    p = debiased_probs(z, q, 1.0, pi, ignore_index=0, clip=0.3).double().numpy()
+    ref = _ref_softmax(z.double().numpy() - clipped.astype(np.float64).reshape(1, -1, 1, 1, 1))
+    np.testing.assert_allclose(p, ref, atol=1e-6)
+    m = margin_adjusted_logits(z, q, 2.0, pi, ignore_index=0).double().numpy()
+    np.testing.assert_allclose(m, z.double().numpy() + 2 * b.reshape(1, -1, 1, 1, 1), atol=1e-5)
+
+
+def test_classwise_thresholds_formula_and_floor():
+    from medseg_dpl.core.debias import classwise_thresholds
+    rate = torch.tensor([0.85, 0.12, 0.03, 0.0])
+    prior = torch.tensor([0.80, 0.10, 0.06, 0.04])
+    r = rate.double().numpy() / prior.double().numpy()
+    beta = r / r.max()
+    ref = np.maximum(0.9 * beta / (2 - beta), 0.5)
+    got = classwise_thresholds(rate, prior, 0.9, 0.5).double().numpy()
+    np.testing.assert_allclose(got, ref, rtol=1e-6)
+    assert got[1] == pytest.approx(0.9) and got[3] == pytest.approx(0.5)  # best-learned: T; unseen: floor
+
+
+def test_pseudo_labels_with_per_class_thresholds():
+    probs = torch.tensor([[0.7, 0.3], [0.4, 0.6], [0.55, 0.45]]).T[None]  # (1, 2, 3)
+    labels, mask = pseudo_labels(probs, torch.tensor([0.8, 0.5]))
+    assert labels.tolist() == [[0, 1, 0]] and mask.tolist() == [[False, True, False]]
+
+
+def test_response_ema_starts_at_init():
+    init = torch.tensor([0.7, 0.2, 0.1])
+    ema = ResponseEMA(3, momentum=0.9, init=init)
+    torch.testing.assert_close(ema.qhat, init)
+    ema.update(torch.tensor([[0.0, 0.0, 1.0]]))
+    torch.testing.assert_close(ema.qhat, 0.9 * init + 0.1 * torch.tensor([0.0, 0.0, 1.0]))
+    with pytest.raises(ValueError, match="init must have shape"):
+        ResponseEMA(3, init=torch.ones(4))

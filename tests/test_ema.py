@@ -90,3 +90,17 @@ def test_teacher_stays_in_eval_mode_when_parent_trains():
     before = holder.teacher.module[1].running_mean.clone()
     holder.teacher(torch.randn(4, 1, 3) + 5.0)
     assert torch.equal(holder.teacher.module[1].running_mean, before)
+
+
+def test_warmup_momentum_starts_as_a_copy_of_the_student():
+    student = _net()
+    ema = ModelEMA(student, momentum=0.99)
+    assert ema.momentum_at(None) == 0.99
+    assert ema.momentum_at(0) == 0.0 and ema.momentum_at(1) == 0.5 and ema.momentum_at(9) == pytest.approx(0.9)
+    assert ema.momentum_at(10_000) == 0.99
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    ema.update(student, step=0)  # m_0 = 0: the teacher is the student
+    for a, b in zip(ema.module.parameters(), student.parameters()):
+        torch.testing.assert_close(a, b)

@@ -14,8 +14,11 @@ C = 4
 
 
 def _cfg(*ov):
+    """The paper's form with plain masked CE and no CutMix unless an override says otherwise,
+    so the formulas below stay short; the additions have their own tests."""
     return load_config(None, ["model.channels=[4,8]", "model.strides=[2]", "method.threshold=0.3",
-                              "debias.momentum=0.8", *ov], SEG_DEFAULTS)
+                              "debias.momentum=0.8", "debias.variant=paper", "method.unsup_loss=ce",
+                              "method.cutmix=0", *ov], SEG_DEFAULTS)
 
 
 def _batch(seed=0):
@@ -60,10 +63,13 @@ def test_sigmoid_rampup_and_class_share():
 
 @pytest.mark.parametrize("reference", ["uniform", "labeled_prior"])
 def test_debiaspl_tau0_equals_fixmatch(reference):
-    cfg = _cfg("debias.tau=0.0", f"debias.reference={reference}")
+    cfg = _cfg("debias.tau=0.0", f"debias.reference={reference}", "method.cutmix=0.5",
+               "method.unsup_loss=dice_ce")
     fm, dp = _algo("fixmatch", cfg, PRIOR), _algo("debiaspl", cfg, PRIOR)
     batch = _batch()
+    torch.manual_seed(1)  # CutMix draws boxes from the global RNG (the trainer seeds it per step)
     loss_f, logs_f = fm.train_step(batch, 5)
+    torch.manual_seed(1)
     loss_d, logs_d = dp.train_step(batch, 5)
     assert torch.equal(loss_f, loss_d)
     assert torch.equal(logs_f["pl_share"], logs_d["pl_share"])
@@ -150,6 +156,9 @@ def test_cps_depl_updates_both_networks_and_qhats():
     assert not torch.allclose(algo.response_a.qhat, algo.response_b.qhat)
     state = algo.method_state()
     assert set(state) == {"prior", "response_a.qhat", "response_b.qhat"}
+    # q̂ starts at the reference (π with labeled_prior), not uniform
+    fresh = get_method("cps_depl")(a, cfg, C, PRIOR, student2=b)
+    torch.testing.assert_close(fresh.response_a.qhat, PRIOR)
 
 
 def test_supervised_is_dice_plus_ce():
@@ -174,3 +183,66 @@ def test_debiaspl_hard_response_averages_argmax_one_hot():
     assert torch.allclose(algo.qhat.double(), expected, atol=1e-6)
     with pytest.raises(ValueError, match="debias.response"):
         _algo("debiaspl", _cfg("debias.response=argmax"))
+
+
+def test_debiaspl_organ_prior_step_matches_formulas():
+    """organ_prior: q̂ = EMA of the raw teacher argmax (starting at π); bias log(q̂/π) over the
+    organ classes only, background 0, clipped; margins on the student's logits."""
+    tau, m, thr, bmax = 1.0, 0.8, 0.3, 0.5
+    cfg = _cfg("debias.variant=organ_prior", f"debias.tau={tau}", f"debias.b_max={bmax}")
+    algo = _algo("debiaspl", cfg, PRIOR)
+    torch.testing.assert_close(algo.qhat, PRIOR)          # starts at the reference
+    assert torch.allclose(algo.bias(), torch.zeros(C), atol=1e-6)  # no bias before any evidence
+    batch = _batch(6)
+    loss, logs = algo.train_step(batch, 2)
+    with torch.no_grad():
+        zw = algo.teacher(batch["image_weak"]).double()
+        zs = algo.student(torch.cat([batch["image"], batch["image_strong"]]))[2:].double()
+
+    def bias(q):
+        qo, po = q[1:].double() / q[1:].double().sum(), PRIOR[1:].double() / PRIOR[1:].double().sum()
+        return torch.cat([torch.zeros(1, dtype=torch.float64),
+                          torch.log(qo / po).clamp(-bmax, bmax)]).view(1, C, 1, 1, 1)
+
+    p = torch.softmax(zw, 1)                                # b = 0 at the first step
+    conf, lab = p.max(1)
+    mask = conf >= thr
+    hard = F.one_hot(zw.argmax(1), C).double().reshape(-1, C).mean(0)
+    q1 = m * PRIOR.double() + (1 - m) * hard
+    assert torch.allclose(algo.qhat.double(), q1, atol=1e-6)
+    ce = F.cross_entropy(zs + tau * bias(q1), lab, reduction="none")
+    assert logs["loss/unsup"].item() == pytest.approx((ce * mask).mean().item(), rel=1e-5, abs=1e-6)
+    assert torch.allclose(logs["bias"].double(), bias(q1).flatten(), atol=1e-6)
+
+
+def test_debiaspl_class_thresholds_are_logged_and_used():
+    cfg = _cfg("debias.variant=organ_prior", "debias.class_thresholds=true", "debias.threshold_floor=0.2",
+               "method.threshold=0.6")
+    algo = _algo("debiaspl", cfg, PRIOR)
+    _, logs = algo.train_step(_batch(7), 0)
+    thr = logs["thresholds"]
+    assert thr.shape == (C,) and (thr >= 0.2 - 1e-6).all() and (thr <= 0.6 + 1e-6).all()
+    assert set(algo.method_state()) == {"prior", "response.qhat", "confident.qhat"}
+
+
+def test_cutmix_boxes_and_dice_ce_unsup_loss():
+    from monai.losses import MaskedDiceLoss
+
+    from medseg_dpl.methods.fixmatch import cutmix_boxes
+    torch.manual_seed(0)
+    assert not cutmix_boxes(3, (8, 8, 8), 0.0, "cpu").any()
+    boxes = cutmix_boxes(4, (16, 16, 16), 1.0, "cpu")
+    share = boxes.float().mean(dim=(1, 2, 3))
+    assert ((share > 0.03) & (share < 0.7)).all()           # 0.1-0.5 of the crop, up to rounding
+    for b in boxes:                                        # each a single axis-aligned box
+        idx = b.nonzero()
+        assert b.sum() == (idx.max(0).values - idx.min(0).values + 1).prod()
+    cfg = _cfg("method.unsup_loss=dice_ce")
+    algo = _algo("fixmatch", cfg)
+    logits = torch.randn(2, C, 6, 6, 6)
+    labels = torch.randint(0, C, (2, 6, 6, 6))
+    mask = torch.rand(2, 6, 6, 6) > 0.5
+    expected = ((F.cross_entropy(logits, labels, reduction="none") * mask).mean()
+                + MaskedDiceLoss(to_onehot_y=True, softmax=True)(logits, labels[:, None].float(),
+                                                                  mask[:, None].float()))
+    assert algo.unsup_loss(logits, labels, mask).item() == pytest.approx(expected.item(), rel=1e-6)

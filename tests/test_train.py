@@ -79,7 +79,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(prep, tmp
 def test_cli_train_and_errors(prep, tmp_path, capsys):
     from medseg_dpl.cli import main
     out = tmp_path / "cli"
-    common = ["train", "--config", "configs/phantom_supervised.yaml", "--out", str(out),
+    common = ["train", "--config", "configs/phantom.yaml", "--out", str(out),
               f"data.root={prep}", "data.patch_size=[32,32,32]", "model.channels=[8,16]",
               "model.strides=[2]", "train.steps=2", "train.progress=false", "eval.max_cases=1"]
     assert main(common) == 0
@@ -88,7 +88,7 @@ def test_cli_train_and_errors(prep, tmp_path, capsys):
     assert "unknown config key 'optim.lrr'" in capsys.readouterr().err
     assert main(common + ["data.root=" + str(tmp_path / "nope")]) == 1
     assert "dataset.json does not exist" in capsys.readouterr().err
-    assert main(["train", "--config", "configs/phantom_supervised.yaml", "--out",
+    assert main(["train", "--config", "configs/phantom.yaml", "--out",
                  str(tmp_path / "fresh"), f"data.root={prep}", "--resume"]) == 1
     assert "last.pt does not exist" in capsys.readouterr().err
 
@@ -137,3 +137,17 @@ def test_debiaspl_on_the_phantom_prep(phantom_prep, tmp_path):
     rep = json.loads((out / "pseudo_labels.json").read_text())
     assert len(rep["classes"]) == 14 and len(result["final_dice"]) == 13
     assert rep["num_cases"] == len((phantom_prep / "splits/unlabeled_25p.txt").read_text().split())
+
+
+def test_debiaspl_paper_tau0_trains_to_the_same_weights_as_fixmatch(prep, tmp_path):
+    """τ = 0 switches the debiasing off: same seed, same weights as FixMatch (CutMix, Dice+CE
+    and the EMA warm-up included), however q̂ moved."""
+    common = ["train.deterministic=true", "train.unlabeled_batch_size=2", "method.cutmix=1.0",
+              "train.val_every=100", "eval.postprocess=false"]
+    train(tiny_cfg(prep, "fixmatch", *common), tmp_path / "fm")
+    train(tiny_cfg(prep, "debiaspl", "debias.variant=paper", "debias.tau=0", *common), tmp_path / "dp")
+    a = torch.load(tmp_path / "fm/checkpoints/last.pt", weights_only=True)
+    b = torch.load(tmp_path / "dp/checkpoints/last.pt", weights_only=True)
+    for key in ("student", "teacher"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    assert not torch.allclose(b["method"]["response.qhat"], torch.full((4,), 0.25))

@@ -13,6 +13,12 @@ part of the model's response that exceeds the class frequencies of the labeled d
 assumes a uniform truth (ImageNet); CT voxels are far from uniform, so uniform debiasing can
 over-correct. With π uniform the two agree (log π is a constant that softmax ignores).
 
+Voxel-aware additions (used by ``debias.variant=organ_prior``; the paper's form is the default
+of every argument): ``log_bias(..., ignore_index=0, clip=b)`` compares q̂ and π over the organ
+classes only (both renormalised without the background), gives the background a bias of 0 and
+clips the rest to ±b; :func:`classwise_thresholds` turns a per-class confident-prediction rate
+into FlexMatch-style per-class thresholds normalised by the prior.
+
 All math runs in float32 whatever the autocast dtype: log q̂ of a rare organ is large and
 bf16 would round the margin away.
 """
@@ -35,37 +41,83 @@ def _per_class(vec: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return vec.to(device=like.device, dtype=torch.float32).view(1, -1, *([1] * (like.ndim - 2)))
 
 
-def log_bias(qhat: torch.Tensor, prior: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``log q̂`` or, with a reference prior π, ``log(q̂/π)``; both ``(C,)``, float32."""
-    bias = torch.log(qhat.float().clamp_min(EPS))
-    if prior is not None:
-        bias = bias - torch.log(prior.to(bias.device).float().clamp_min(EPS))
+def log_bias(qhat: torch.Tensor, prior: Optional[torch.Tensor] = None,
+             ignore_index: Optional[int] = None, clip: Optional[float] = None) -> torch.Tensor:
+    """``log q̂`` or, with a reference prior π, ``log(q̂/π)``; all ``(C,)``, float32.
+
+    ``ignore_index`` (e.g. 0, background): q̂ and π are renormalised over the other classes
+    and that class's bias is 0, so its huge, well-estimated share neither moves nor rescales
+    the others. ``clip``: the bias is clipped to [-clip, clip] (a class the model has not
+    predicted yet would otherwise get a bias of log(EPS) ≈ −18 nats).
+    """
+    q = qhat.float()
+    p = None if prior is None else prior.to(q.device).float()
+    keep = None
+    if ignore_index is not None:
+        keep = torch.ones_like(q, dtype=torch.bool)
+        keep[ignore_index] = False
+        q = q * keep / (q * keep).sum().clamp_min(EPS)
+        if p is not None:
+            p = p * keep / (p * keep).sum().clamp_min(EPS)
+    bias = torch.log(q.clamp_min(EPS))
+    if p is not None:
+        bias = bias - torch.log(p.clamp_min(EPS))
+    if clip is not None:
+        bias = bias.clamp(-clip, clip)
+    if keep is not None:
+        bias = bias * keep
     return bias
 
 
 def debiased_probs(logits: torch.Tensor, qhat: torch.Tensor, tau: float,
-                   prior: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Counterfactual probabilities ``softmax(z - τ·log(q̂[/π]))`` over axis 1, float32."""
-    return torch.softmax(logits.float() - tau * _per_class(log_bias(qhat, prior), logits), dim=1)
+                   prior: Optional[torch.Tensor] = None, ignore_index: Optional[int] = None,
+                   clip: Optional[float] = None) -> torch.Tensor:
+    """Counterfactual probabilities ``softmax(z - τ·log(q̂[/π]))`` over axis 1, float32.
+
+    ``ignore_index`` / ``clip``: see :func:`log_bias`.
+    """
+    bias = log_bias(qhat, prior, ignore_index, clip)
+    return torch.softmax(logits.float() - tau * _per_class(bias, logits), dim=1)
 
 
 def margin_adjusted_logits(logits: torch.Tensor, qhat: torch.Tensor, tau: float,
-                           prior: Optional[torch.Tensor] = None) -> torch.Tensor:
+                           prior: Optional[torch.Tensor] = None, ignore_index: Optional[int] = None,
+                           clip: Optional[float] = None) -> torch.Tensor:
     """Adaptive-margin logits ``z + τ·log(q̂[/π])``, float32, same shape as ``logits``.
 
     Training on these with cross-entropy makes the loss demand a larger margin for classes
     the pseudo-labels over-represent (the logit-adjustment loss of Menon et al.).
     """
-    return logits.float() + tau * _per_class(log_bias(qhat, prior), logits)
+    bias = log_bias(qhat, prior, ignore_index, clip)
+    return logits.float() + tau * _per_class(bias, logits)
 
 
-def pseudo_labels(probs: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+def classwise_thresholds(rate: torch.Tensor, prior: torch.Tensor, threshold: float,
+                         floor: float) -> torch.Tensor:
+    """Per-class confidence thresholds ``(C,)`` (FlexMatch's learning effect, prior-normalised).
+
+    ``rate`` ``(C,)``: share of the confident pseudo-labels that go to each class (e.g. a
+    masked hard q̂); ``prior`` ``(C,)``: the share each class should have. The learning effect
+    β_c = (rate_c/π_c) / max_k (rate_k/π_k) is 1 for the class the model labels most fully
+    and ~0 for one it never labels; dividing by π keeps the liver from looking "better
+    learned" just for being large. T_c = max(floor, threshold · β_c/(2 − β_c)) (FlexMatch's
+    convex mapping), so rare organs get pseudo-labels at ``floor`` until they catch up.
+    """
+    r = rate.float() / prior.to(rate.device).float().clamp_min(EPS)
+    beta = r / r.max().clamp_min(EPS)
+    return (threshold * beta / (2.0 - beta)).clamp_min(floor)
+
+
+def pseudo_labels(probs: torch.Tensor, threshold) -> tuple[torch.Tensor, torch.Tensor]:
     """Hard labels and confidence mask from ``(N, C, *)`` probabilities.
 
     Returns ``labels`` (long, ``(N, *)``) = argmax over classes, and ``mask`` (bool, ``(N, *)``)
-    = max probability >= ``threshold``.
+    = max probability >= the threshold: a float, or a ``(C,)`` tensor of per-class thresholds
+    (each voxel compared with the threshold of its argmax class).
     """
     conf, labels = probs.max(dim=1)
+    if isinstance(threshold, torch.Tensor):
+        threshold = threshold.to(conf.device, conf.dtype)[labels]
     return labels, conf >= threshold
 
 
@@ -96,6 +148,8 @@ def _flatten_mask(mask: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
 class ResponseEMA(nn.Module):
     """Running mean q̂ of the model's class response on unlabeled data, a ``(C,)`` buffer.
 
+    q̂ starts at ``init`` (default uniform; DebiasPL passes its reference π).
+
     ``update(probs, mask)`` sets q̂ <- m·q̂ + (1-m)·mean(probs) where the mean is over every
     non-class position (all samples and voxels), or over the masked positions only. An empty
     mask leaves q̂ unchanged. Under ``torch.distributed`` sums and counts are all-reduced so every
@@ -103,13 +157,20 @@ class ResponseEMA(nn.Module):
     so it travels with ``state_dict``.
     """
 
-    def __init__(self, num_classes: int, momentum: float = 0.999):
+    def __init__(self, num_classes: int, momentum: float = 0.999,
+                 init: Optional[torch.Tensor] = None):
         super().__init__()
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         self.num_classes = num_classes
         self.momentum = momentum
-        self.register_buffer("qhat", torch.full((num_classes,), 1.0 / num_classes))
+        if init is None:
+            init = torch.full((num_classes,), 1.0 / num_classes)
+        if tuple(init.shape) != (num_classes,):
+            raise ValueError(f"init must have shape ({num_classes},), got {tuple(init.shape)}")
+        # start at the reference the bias compares with: log(q̂/π) = 0 until evidence arrives
+        # (a uniform start with π far from uniform is a bias of several nats for hundreds of steps)
+        self.register_buffer("qhat", (init.float() / init.float().sum()).clone())
 
     @torch.no_grad()
     def update(self, probs: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:

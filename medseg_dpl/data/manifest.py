@@ -35,7 +35,10 @@ def read_id_list(path: str | os.PathLike) -> list[str]:
 
 
 def read_split(prep_dir: str | os.PathLike, name: str) -> list[str]:
-    """Case ids of split ``name`` ("train", "eval", "test", "labeled_20p", "unlabeled_20p")."""
+    """Case ids of split ``name`` ("train", "eval", "test", "labeled_20p", "unlabeled_20p"),
+    read from ``PREP_DIR/splits/``; a name that is a path to a ``.txt`` file is read as is."""
+    if name.endswith(".txt") and (os.sep in name or "/" in name):
+        return read_id_list(name)
     name = name[:-4] if name.endswith(".txt") else name
     path = Path(prep_dir) / "splits" / f"{name}.txt"
     if not path.exists():

@@ -11,14 +11,19 @@ Shapes (``P`` = ``patch_size``, ``X, Y, Z`` = the preprocessed volume):
 * ``labeled_transforms`` -> list of ``num_samples`` dicts: ``image`` (1, *P) float32,
   ``label`` (1, *P) int64. Crop centres are drawn class-balanced (every class present in the
   volume, background included, equally likely: ``RandCropByLabelClassesd`` with equal ratios),
-  so the adrenal glands are seen as often as the liver. Augmentation is intensity-only and mild
-  (scale/shift, a little noise): no flips or rotations, because left/right organs (kidneys,
-  adrenals) are lateralised and a flip would swap their identities.
+  so the adrenal glands are seen as often as the liver. Augmentation: a random affine of the
+  crop (rotation up to ±15° about each axis, isotropic scaling 0.85–1.15, image bilinear, label
+  nearest; :func:`spatial_augmentation`) and mild intensity changes (scale/shift, a little noise).
+  No flips: left/right organs (kidneys, adrenals) are lateralised and a flip would swap their
+  identities.
 * ``unlabeled_transforms`` -> list of ``num_samples`` dicts: ``image_weak`` and ``image_strong``
-  (1, *P) float32 of the *same* random crop. The weak view is the crop itself; the strong view
-  is the same voxels with intensity changes (noise, gamma/contrast, scale, shift, Gaussian
-  smoothing) and cut-outs (``RandCoarseDropoutd``). No geometric change is applied to either
-  view, so a pseudo-label from the weak view supervises the strong view voxel for voxel.
+  (1, *P) float32 of the *same* random crop. The crop first gets the same random affine as the
+  labeled crops (so the unlabeled data add geometric variety too), *then* the two views are
+  made: the weak view is that crop, the strong view the same voxels with intensity changes
+  (noise, gamma/contrast, scale, shift, Gaussian smoothing) and cut-outs (``RandCoarseDropoutd``).
+  No geometric change separates the views, so a pseudo-label from the weak view supervises
+  the strong view voxel for voxel (CutMix between crops happens in the method, on the batch,
+  where the pseudo-labels can be mixed with the same boxes).
 * ``eval_transforms`` -> ``image`` (1, X, Y, Z) float32 and, if the case has one, ``label``
   (1, X, Y, Z) int64: the whole volume, no padding.
 
@@ -42,6 +47,7 @@ from monai.transforms import (
     EnsureTyped,
     LoadImaged,
     RandAdjustContrastd,
+    RandAffined,
     RandCoarseDropoutd,
     RandCropByLabelClassesd,
     RandGaussianNoised,
@@ -80,10 +86,24 @@ def _load(keys_with_label: bool) -> list:
     return t
 
 
-def labeled_transforms(patch_size: Sequence[int], num_classes: int, num_samples: int = 1) -> Compose:
+def spatial_augmentation(keys: Sequence[str], patch: Sequence[int], modes: Sequence[str],
+                         prob: float = 0.5) -> RandAffined:
+    """MONAI ``RandAffined`` on a crop: rotation ±15° about each axis, scale 0.85–1.15, output
+    the crop's own size; ``modes`` per key (bilinear for images, nearest for labels). Border
+    padding: rotated-in corners repeat the edge instead of a black wedge the network could
+    learn to read as "outside the body"."""
+    rot = float(np.deg2rad(15))
+    return RandAffined(list(keys), prob=prob, rotate_range=(rot, rot, rot), scale_range=0.15,
+                       spatial_size=list(patch), mode=list(modes), padding_mode="border",
+                       cache_grid=True, allow_missing_keys=True)
+
+
+def labeled_transforms(patch_size: Sequence[int], num_classes: int, num_samples: int = 1,
+                       spatial: bool = True) -> Compose:
     """Labeled training crops: ``image`` (1, *patch) float32, ``label`` (1, *patch) int64.
 
-    Returns a list of ``num_samples`` such dicts per volume (class-balanced crop centres).
+    Returns a list of ``num_samples`` such dicts per volume (class-balanced crop centres);
+    ``spatial=False`` leaves out the random affine.
     """
     p = _patch(patch_size)
     keys = ["image", "label"]
@@ -96,6 +116,7 @@ def labeled_transforms(patch_size: Sequence[int], num_classes: int, num_samples:
         RandCropByLabelClassesd(keys, label_key="label", spatial_size=p, ratios=None,
                                 num_classes=int(num_classes), num_samples=int(num_samples),
                                 indices_key="label_cls_indices", warn=False),
+        *([spatial_augmentation(keys, p, ("bilinear", "nearest"))] if spatial else []),
         RandScaleIntensityd("image", factors=0.1, prob=0.5),
         RandShiftIntensityd("image", offsets=0.05, prob=0.5),
         RandGaussianNoised("image", prob=0.2, mean=0.0, std=0.02),
@@ -105,12 +126,14 @@ def labeled_transforms(patch_size: Sequence[int], num_classes: int, num_samples:
 
 
 def unlabeled_transforms(patch_size: Sequence[int], num_samples: int = 1,
-                         strong_intensity: bool = True, cutout: bool = True) -> Compose:
+                         strong_intensity: bool = True, cutout: bool = True,
+                         spatial: bool = True) -> Compose:
     """Unlabeled crops with two views of the same voxels: ``image_weak`` and ``image_strong``
     (1, *patch) float32, ``num_samples`` crops per volume.
 
-    ``strong_intensity`` / ``cutout`` switch the two parts of the strong augmentation (both on
-    for training; tests switch them off one at a time to check the views are voxel-aligned).
+    ``strong_intensity`` / ``cutout`` switch the two parts of the strong augmentation and
+    ``spatial`` the shared affine (all on for training; tests switch them off one at a time to
+    check the views are voxel-aligned).
     """
     p = _patch(patch_size)
     strong: list = []
@@ -124,19 +147,25 @@ def unlabeled_transforms(patch_size: Sequence[int], num_samples: int = 1,
                                 sigma_z=(0.25, 1.0)),
         ]
     if cutout:
-        # 1-4 boxes of 1/8 to 1/4 of the patch per axis, filled with random values in the
-        # image's range (MONAI default fill): the network must infer the occluded organ from context
-        strong.append(RandCoarseDropoutd("image_strong", holes=1, max_holes=4,
-                                          spatial_size=[max(1, s // 8) for s in p],
-                                          max_spatial_size=[max(1, s // 4) for s in p], prob=0.5))
-    return Compose(_load(False) + [
-        EnsureChannelFirstd("image"),
-        SpatialPadd("image", spatial_size=p),
+        # 1-3 boxes of 1/6 to 1/3 of the patch per axis (up to ~10 % of the voxels), filled with
+        # random values in the image's range (MONAI default): the organ must come from context
+        strong.append(RandCoarseDropoutd("image_strong", holes=1, max_holes=3,
+                                          spatial_size=[max(1, s // 6) for s in p],
+                                          max_spatial_size=[max(1, s // 3) for s in p], prob=0.5))
+    # "label" (only present when the caller asks for the truth, see build_dataset) follows the
+    # image through crop and affine, so crop-level pseudo-label diagnostics compare like with like
+    return Compose(_load(True) + [
+        EnsureChannelFirstd(["image", "label"], allow_missing_keys=True),
+        SpatialPadd(["image", "label"], spatial_size=p, allow_missing_keys=True),
         # --- random from here on (not cached) ---
-        RandSpatialCropSamplesd("image", roi_size=p, num_samples=int(num_samples), random_size=False),
+        RandSpatialCropSamplesd(["image", "label"], roi_size=p, num_samples=int(num_samples),
+                                random_size=False, allow_missing_keys=True),
+        *([spatial_augmentation(["image", "label"], p, ["bilinear", "nearest"])] if spatial else []),
         EnsureTyped("image", dtype=torch.float32),
+        EnsureTyped("label", dtype=torch.int64, allow_missing_keys=True),
         CopyItemsd("image", times=2, names=["image_weak", "image_strong"]),
-        DeleteItemsd("image"),
+        CopyItemsd("label", times=1, names=["truth"], allow_missing_keys=True),
+        DeleteItemsd(["image", "label"]),
         *strong,
     ])
 
@@ -153,12 +182,15 @@ def eval_transforms() -> Compose:
 
 def build_dataset(prep_dir: str | os.PathLike, ids: Sequence[str], kind: str,
                   patch_size: Sequence[int], num_classes: int, num_samples: int = 1,
-                  cache: bool = True):
+                  cache: bool = True, spatial: bool = True, with_truth: bool = False):
     """A MONAI dataset over the cases ``ids`` of ``PREP_DIR``; each item holds ``id`` as well.
 
     ``kind``: ``"labeled"`` (:func:`labeled_transforms`, needs a label for every case),
     ``"unlabeled"`` (:func:`unlabeled_transforms`, labels ignored) or ``"eval"``
     (:func:`eval_transforms`; the label is included when the case has one).
+    ``spatial``: the random affine of training crops (``data.spatial_aug``).
+    ``with_truth`` (unlabeled only): each crop also carries ``truth`` (1, *patch) int64, the
+    case's label at the same voxels, for diagnostics; every case must then have a label.
     ``cache=True`` gives a ``CacheDataset`` (the deterministic prefix kept in memory),
     otherwise a plain ``Dataset``.
     """
@@ -175,9 +207,9 @@ def build_dataset(prep_dir: str | os.PathLike, ids: Sequence[str], kind: str,
     for i in ids:
         c = cases[i]
         item = {"id": str(i), "image": str(root / c["image"])}
-        if kind != "unlabeled" and c.get("label"):
+        if (kind != "unlabeled" or with_truth) and c.get("label"):
             item["label"] = str(root / c["label"])
-        elif kind == "labeled":
+        elif kind == "labeled" or (kind == "unlabeled" and with_truth):
             raise DataError(f"{root / 'dataset.json'}: case {i} has no label but is used as labeled")
         for key in ("image", "label"):
             if key in item and not Path(item[key]).is_file():
@@ -185,9 +217,9 @@ def build_dataset(prep_dir: str | os.PathLike, ids: Sequence[str], kind: str,
                                 "does not exist")
         data.append(item)
     if kind == "labeled":
-        transform = labeled_transforms(patch_size, num_classes, num_samples)
+        transform = labeled_transforms(patch_size, num_classes, num_samples, spatial=spatial)
     elif kind == "unlabeled":
-        transform = unlabeled_transforms(patch_size, num_samples)
+        transform = unlabeled_transforms(patch_size, num_samples, spatial=spatial)
     else:
         transform = eval_transforms()
     if cache:

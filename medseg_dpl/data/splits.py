@@ -81,8 +81,11 @@ def import_lists(folder: str | os.PathLike, known: Iterable[str]) -> dict[str, l
 
 def make_splits(prep_dir: str | os.PathLike, labeled: float | Sequence[float] | None = None,
                 seed: int = 0, from_lists: str | os.PathLike | None = None,
-                write: bool = True) -> dict[str, list[str]]:
+                write: bool = True, out_dir: str | os.PathLike | None = None) -> dict[str, list[str]]:
     """Split the cases of PREP_DIR; write ``PREP_DIR/splits/<name>.txt``; return {name: ids}.
+
+    ``out_dir``: write the lists there instead (e.g. one folder per benchmark seed; pass
+    ``data.labeled_split=OUT_DIR/labeled_20p.txt`` etc. to train on them).
 
     ``labeled``: one fraction or several (default: Synapse 0.2, AMOS 0.05, others 0.2).
     ``from_lists``: a folder of existing lists to use as they are (every id must be a case of
@@ -148,7 +151,7 @@ def make_splits(prep_dir: str | os.PathLike, labeled: float | Sequence[float] | 
     _validate(out, has_label, from_lists)
     if write:
         for name, ids in out.items():
-            with atomic_path(prep_dir / "splits" / f"{name}.txt") as tmp:
+            with atomic_path(Path(out_dir or prep_dir / "splits") / f"{name}.txt") as tmp:
                 tmp.write_text("".join(f"{i}\n" for i in ids), encoding="utf-8")
     return out
 

@@ -17,23 +17,47 @@ SEG_DEFAULTS = {
         "eval_split": "eval",
         "patch_size": [64, 128, 128],
         "num_samples": 1,             # crops per volume per step
+        "spatial_aug": True,          # random affine (rotation, scaling) of training crops
         "cache": True,
         "num_workers": 0,             # loader worker processes (0: in the main process)
     },
     "model": copy.deepcopy(MODEL_DEFAULTS),
     "method": {
-        "name": "debiaspl",           # supervised | fixmatch | debiaspl | cps_depl
+        "name": "debiaspl",           # supervised | fixmatch | debiaspl | cps_depl | dhc | cld
         "threshold": 0.9,             # confidence threshold of the pseudo-labels
         "lambda_u": 1.0,              # weight of the unsupervised loss after ramp-up
         "rampup_steps": 0,            # sigmoid ramp-up of lambda_u (0: none)
+        "unsup_loss": "dice_ce",      # ce | dice_ce (masked CE + Dice on confident voxels)
+        "cutmix": 0.5,                # probability of a CutMix box per strong unlabeled crop
     },
     "debias": {
+        "variant": "organ_prior",     # organ_prior (organ-only, prior-matched) | paper
         "tau": 1.0,                   # strength of the debiasing (0 = FixMatch)
-        "momentum": 0.999,            # of the response EMA q̂
+        "momentum": 0.99,             # of the response EMA q̂
         "masked": False,              # q̂ over confident voxels only
         "response": "soft",           # what q̂ averages: soft (softmax, the paper) | hard (argmax one-hot)
         "reference": "labeled_prior", # labeled_prior (log q̂/π) | uniform (the paper: log q̂)
         "include_background": True,   # False: background's bias term is 0 (only organs debiased)
+        "b_max": 2.0,                 # organ_prior: bias clipped to ±b_max nats
+        "class_thresholds": False,    # per-class thresholds from confident rate / π (FlexMatch-style)
+        "threshold_floor": 0.5,       # lowest per-class threshold
+    },
+    "dhc": {                          # method.name=dhc (xmed-lab/DHC, MICCAI 2023)
+        "dist_momentum": 0.99,        # DistDW (network B): EMA towards B's pseudo-label counts
+        "background_min": 0.0,        # floor on DistDW's background weight (0: as published, log 1 = 0)
+        "diff_window": 50,            # DiffDW (network A): K, EMA momentum (K-1)/K
+        "diff_power": 0.2,            # DiffDW: exponent of unlearn/learn
+        "skip_absent": True,          # DiffDW: a class absent from labels and prediction keeps its
+                                      #   state (false: the code, Dice 0.5 by its smoothing)
+        "threshold": 0.0,             # confidence threshold on cross pseudo-labels (0: none, as published)
+    },
+    "cld": {                          # method.name=cld (CLD, MICCAI 2022, as in xmed-lab/DHC)
+        "power": 0.3333333333333333,  # class weights (N_max/N_c)^power from the labeled voxels
+        "conf_momentum": 0.999,       # confidence bank EMA
+        "conf_every": 8,              # steps averaged per confidence-bank update
+        "gamma": 0.5,                 # keep rate ((1-conf_c)/max(1-conf))^gamma
+        "mask_by": "pseudo_label",    # keep rate of the pseudo-label's class | prediction (the code)
+        "code_bank": False,           # true: the code's bank (random start, absent class = conf 0)
     },
     "optim": {
         "name": "sgd",                # sgd | adamw
@@ -52,7 +76,7 @@ SEG_DEFAULTS = {
         "seed": 0,
         "amp": "bf16",                # bf16 | fp16 | none; CUDA only, CPU runs full precision
         "compile": False,             # torch.compile the student(s)
-        "ema_momentum": 0.99,         # EMA teacher
+        "ema_momentum": 0.99,         # EMA teacher, with warm-up m_t = min(m, 1 - 1/(t+1))
         "checkpoint_every": 100,
         "val_every": 100,
         "log_every": 10,
@@ -64,6 +88,8 @@ SEG_DEFAULTS = {
         "overlap": 0.5,
         "sw_batch_size": 2,
         "max_cases": 0,               # 0: every eval case
+        "tta": False,                 # eval/predict: average softmax over the 8 axis flips
+        "postprocess": True,          # end of train: decide per-organ connected-component rules
     },
     "teacher": {
         "predictions": "",            # DIR of NIfTI predictions (<id>.nii.gz) of an external model

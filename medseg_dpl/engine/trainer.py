@@ -6,9 +6,12 @@ Iteration-based: step k's batch comes from ``StepBatches[k]`` (randomness a func
 
 Per step: poly LR -> autocast (bf16, or fp16 with GradScaler, on CUDA; off on CPU, same code)
 -> ``algorithm.train_step`` -> finite-loss check -> backward, clip, step -> EMA teacher update.
-Periodically: validation of the inference network (EMA teacher, or student) on whole eval
-volumes with sliding windows and per-organ Dice, best-model selection, atomic checkpoints,
-TensorBoard + ``train.log``. At the end: ``pseudo_labels.json`` (see :func:`pseudo_label_report`).
+Periodically: validation of the inference network (the EMA teacher for every method that has
+one, supervised included; network A for two-network methods) on whole eval volumes with
+sliding windows and per-organ Dice, best-model selection, atomic checkpoints, TensorBoard +
+``train.log`` (and a progress bar on a terminal, a plain line every ``log_every`` steps when
+the output is redirected). At the end: ``pseudo_labels.json`` and ``metrics.json`` (with the
+validation history). What is measured lives in :mod:`medseg_dpl.engine.reports`.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import logging
 import math
 import os
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -29,11 +33,11 @@ from torch import nn
 from tqdm import tqdm
 
 from medseg_dpl.config import save_config
-from medseg_dpl.core.debias import pseudo_labels
 from medseg_dpl.core.ema import ModelEMA, unwrap
 from medseg_dpl.data.manifest import load_manifest, read_split
 from medseg_dpl.data.pipelines import build_dataset
 from medseg_dpl.engine.data import StepBatches, TeacherVolumes, step_loader, step_seed
+from medseg_dpl.engine.reports import CropPseudoLabelStats, pseudo_label_report, validate
 from medseg_dpl.methods import get_method
 from medseg_dpl.models import build_model
 from medseg_dpl.utils import atomic_path, seed_everything
@@ -87,15 +91,38 @@ def _logger(out_dir: Path, rank: int) -> logging.Logger:
 
 
 # ----------------------------------------------------------------------------- data
-def labeled_prior(prep_dir: Path, manifest: dict, ids: list[str], num_classes: int) -> torch.Tensor:
-    """π ``(C,)``: class frequencies of the voxels of the labeled training cases."""
+def crop_coverage(n: int, p: int) -> np.ndarray:
+    """How many positions of a length-``p`` window inside ``n`` (padded to ≥ p) cover each
+    index, ``(max(n, p),)``: uniform random crops see the middle more often than the edges."""
+    n_pad = max(n, p)
+    x = np.arange(n_pad)
+    return (np.minimum(x, n_pad - p) - np.maximum(0, x - p + 1) + 1).astype(np.float64)
+
+
+def labeled_prior(prep_dir: Path, manifest: dict, ids: list[str], num_classes: int,
+                  patch_size=None) -> torch.Tensor:
+    """π ``(C,)``: class frequencies of the labeled training cases' voxels.
+
+    With ``patch_size``, each voxel is weighted by how often a uniform random crop of that size
+    covers it (the crops q̂ is measured on; padding counts as background, as in the
+    pipeline's ``SpatialPadd``), so π and q̂ count the same voxels: whole-volume frequencies
+    differ from crop frequencies by up to ×3 for central organs (aorta, pancreas).
+    """
     cases = {c["id"]: c for c in manifest["cases"]}
     counts = np.zeros(num_classes, dtype=np.float64)
     for i in ids:
         if not cases[i].get("label"):
             raise TrainingError(f"{prep_dir / 'dataset.json'}: labeled case {i} has no label")
         lab = np.asanyarray(nib.load(str(prep_dir / cases[i]["label"])).dataobj).astype(np.int64)
-        counts += np.bincount(lab.reshape(-1), minlength=num_classes)[:num_classes]
+        if patch_size is None:
+            counts += np.bincount(lab.reshape(-1), minlength=num_classes)[:num_classes]
+            continue
+        pads = [(0, max(0, p - n)) for n, p in zip(lab.shape, patch_size)]
+        # SpatialPadd pads symmetrically; coverage is symmetric too, so padding at the end is
+        # the same weight per voxel up to the 1-voxel split
+        lab = np.pad(lab, pads)
+        w = np.einsum("i,j,k->ijk", *[crop_coverage(n, p) for n, p in zip(lab.shape, patch_size)])
+        counts += np.bincount(lab.reshape(-1), weights=w.reshape(-1), minlength=num_classes)[:num_classes]
     return torch.from_numpy(counts / counts.sum()).float()
 
 
@@ -147,90 +174,6 @@ def poly_lr(base: float, step: int, steps: int, power: float, warmup: int = 0) -
     return base * (1.0 - min(step, steps - 1) / steps) ** power
 
 
-# ----------------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def _predict_probs(net: nn.Module, image: torch.Tensor, cfg: dict, device: torch.device) -> torch.Tensor:
-    from medseg_dpl.evaluation.inference import sliding_window_predict
-    was = net.training
-    net.eval()
-    try:
-        return sliding_window_predict(net, image[None].to(device), cfg["data"]["patch_size"],
-                                      overlap=cfg["eval"]["overlap"],
-                                      sw_batch_size=cfg["eval"]["sw_batch_size"],
-                                      amp=cfg["train"]["amp"] != "none")[0]
-    finally:
-        net.train(was)
-
-
-def validate(net: nn.Module, dataset, cfg: dict, num_classes: int, device: torch.device) -> np.ndarray:
-    """Per-organ Dice ``(C-1,)`` averaged over the eval cases (NaN: organ absent everywhere)."""
-    from medseg_dpl.evaluation.metrics import dice_per_class
-    rows = []
-    for i in range(len(dataset)):
-        item = dataset[i]
-        pred = _predict_probs(net, item["image"].as_tensor() if hasattr(item["image"], "as_tensor")
-                              else item["image"], cfg, device).argmax(0).cpu().numpy()
-        rows.append(dice_per_class(pred, np.asarray(item["label"][0]).astype(np.int64), num_classes))
-    with np.errstate(all="ignore"):
-        import warnings
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            return np.nanmean(np.stack(rows), axis=0)
-
-
-@torch.no_grad()
-def pseudo_label_report(algo, net: nn.Module, dataset, cfg: dict, classes: list[str],
-                        prior: torch.Tensor, device: torch.device) -> dict:
-    """Class distribution of the final model's pseudo-labels over whole unlabeled volumes.
-
-    ``dataset`` items: ``image`` ``(1, X, Y, Z)`` (and ``label`` when known). Pseudo-labels are
-    the method's own (``algo.pseudo_label_probs``: debiased for debiaspl/cps_depl, plain softmax
-    for fixmatch) thresholded at ``method.threshold``; for ``supervised`` every argmax voxel.
-    """
-    C = len(classes)
-    thr = 0.0 if algo.name == "supervised" else cfg["method"]["threshold"]
-    pl_counts, true_counts = torch.zeros(C, dtype=torch.float64), torch.zeros(C, dtype=torch.float64)
-    correct = kept = total = 0
-    has_truth = True
-    algo.eval()
-    for i in range(len(dataset)):
-        item = dataset[i]
-        image = item["image"].as_tensor() if hasattr(item["image"], "as_tensor") else item["image"]
-        probs = _predict_probs(net, image, cfg, device)[None]
-        probs = algo.pseudo_label_probs(torch.log(probs.clamp_min(1e-12)))  # log p = z + const
-        labels, mask = pseudo_labels(probs, thr)
-        labels, mask = labels[0].cpu(), mask[0].cpu()
-        pl_counts += torch.bincount(labels[mask], minlength=C).double()
-        kept += int(mask.sum())
-        total += mask.numel()
-        if item.get("label") is not None:
-            truth = torch.as_tensor(np.asarray(item["label"][0])).long()
-            true_counts += torch.bincount(truth.reshape(-1), minlength=C).double()
-            correct += int((labels[mask] == truth[mask]).sum())
-        else:
-            has_truth = False
-    algo.train()
-
-    def share(c):
-        return [float(v) for v in (c / c.sum().clamp_min(1e-12))]
-
-    def organ_share(c):
-        c = c[1:]
-        return [float(v) for v in (c / c.sum().clamp_min(1e-12))]
-
-    report = {"method": algo.name, "classes": list(classes), "threshold": thr,
-              "num_cases": len(dataset), "confident_fraction": kept / max(total, 1),
-              "labeled_share": share(prior.double()), "pseudo_label_share": share(pl_counts),
-              "true_share": share(true_counts) if has_truth else None,
-              "pseudo_label_accuracy": correct / max(kept, 1) if has_truth else None,
-              "organ_share": {"labeled": organ_share(prior.double()),
-                              "pseudo_label": organ_share(pl_counts),
-                              "true": organ_share(true_counts) if has_truth else None}}
-    if hasattr(algo, "qhat"):
-        report["qhat"] = [float(v) for v in algo.qhat]
-    return report
-
-
 # ----------------------------------------------------------------------------- one step
 def build_training(cfg: dict, num_classes: int, prior: torch.Tensor, device: torch.device,
                    world: int = 1):
@@ -241,7 +184,7 @@ def build_training(cfg: dict, num_classes: int, prior: torch.Tensor, device: tor
     seed_everything(t["seed"])
     student = build_model(cfg["model"], 1, num_classes)
     extra = {}
-    if m["name"] == "cps_depl":
+    if method_cls.num_networks == 2:
         seed_everything(t["seed"] + 1)  # the second network differs by its initialisation
         extra["student2"] = build_model(cfg["model"], 1, num_classes)
     algo = method_cls(student, cfg, num_classes, prior, **extra)
@@ -296,7 +239,7 @@ def optimisation_step(algo, batch: dict, step: int, optimizer, scaler, params, g
     scaler.step(optimizer)
     scaler.update()
     if teacher is not None:
-        teacher.update(algo.student)
+        teacher.update(algo.student, step)
     return loss, logs
 
 
@@ -337,13 +280,19 @@ def train(cfg: dict, out_dir, resume: bool = False) -> dict:
         eval_ids = eval_ids[: cfg["eval"]["max_cases"]]
     method_cls = get_method(m["name"])
     unlabeled_ids = read_split(root, d["unlabeled_split"]) if method_cls.uses_unlabeled else []
-    prior = labeled_prior(root, manifest, labeled_ids, C)
     patch = list(d["patch_size"])
-    sources = {"labeled": (build_dataset(root, labeled_ids, "labeled", patch, C, d["num_samples"], d["cache"]),
+    prior = labeled_prior(root, manifest, labeled_ids, C, patch)
+    sources = {"labeled": (build_dataset(root, labeled_ids, "labeled", patch, C, d["num_samples"], d["cache"],
+                                         spatial=d["spatial_aug"]),
                            labeled_ids, t["batch_size"])}
+    # crop-level pseudo-label diagnostics need the unlabeled cases' truth (the phantom has it);
+    # the method never sees it (the trainer takes "truth" out of the batch)
+    cases_by_id = {c["id"]: c for c in manifest["cases"]}
+    with_truth = bool(unlabeled_ids) and all(cases_by_id[i].get("label") for i in unlabeled_ids)
     if unlabeled_ids:
         sources["unlabeled"] = (build_dataset(root, unlabeled_ids, "unlabeled", patch, C,
-                                              d["num_samples"], d["cache"]),
+                                              d["num_samples"], d["cache"], spatial=d["spatial_aug"],
+                                              with_truth=with_truth),
                                 unlabeled_ids, t["unlabeled_batch_size"])
     teacher_vols = None
     if cfg["teacher"]["predictions"]:
@@ -404,9 +353,15 @@ def train(cfg: dict, out_dir, resume: bool = False) -> dict:
 
     batches = StepBatches({k: v for k, v in sources.items()}, t["seed"], rank, world, teacher_vols, patch)
     loader = step_loader(batches, start, t["steps"], d["num_workers"])
-    bar = tqdm(total=t["steps"], initial=start, disable=rank != 0 or not t["progress"],
+    # a bar on a terminal; redirected output gets the log lines instead of bar redraws
+    on_tty = sys.stderr.isatty()
+    bar = tqdm(total=t["steps"], initial=start, disable=rank != 0 or not t["progress"] or not on_tty,
                desc=f"train {m['name']}", dynamic_ncols=True)
+    echo = rank == 0 and t["progress"] and not on_tty
     acc: dict[str, list] = {}
+    crop_stats = CropPseudoLabelStats(C)
+    crop_history: list[dict] = []
+    history: list[dict] = []
     last_dice = None
     tic = time.perf_counter()
     algo.train()
@@ -414,6 +369,7 @@ def train(cfg: dict, out_dir, resume: bool = False) -> dict:
         batch = {}
         for part in raw.values():
             batch.update(_to_device(part, device))
+        truth = batch.pop("truth", None)
         lr = poly_lr(o["lr"], step, t["steps"], o["poly_power"], o["warmup_steps"])
         for g in optimizer.param_groups:
             g["lr"] = lr
@@ -433,6 +389,8 @@ def train(cfg: dict, out_dir, resume: bool = False) -> dict:
         bar.update(1)
 
         acc.setdefault("loss/total", []).append(float(loss.detach()))
+        if "_pseudo_labels" in logs:
+            crop_stats.add(*logs.pop("_pseudo_labels"), truth[:, 0] if truth is not None else None)
         for k, v in logs.items():
             acc.setdefault(k, []).append(v.detach().float().cpu() if isinstance(v, torch.Tensor) else float(v))
         if rank == 0 and (done % t["log_every"] == 0 or done == t["steps"]):
@@ -443,13 +401,23 @@ def train(cfg: dict, out_dir, resume: bool = False) -> dict:
             for k, v in scalars.items():
                 writer.add_scalar(k, v, done)
             line = f"step {done}/{t['steps']} " + " ".join(f"{k}={v:.4g}" for k, v in scalars.items())
-            for k in ("qhat", "pl_share"):
-                if k in acc:
+            for k in acc:
+                if isinstance(acc[k][0], torch.Tensor) and acc[k][0].ndim:  # (C,): a curve per class
                     vec = torch.stack(acc[k]).mean(0) if k == "pl_share" else acc[k][-1]
                     for c, v in zip(classes, vec.tolist()):
                         writer.add_scalar(f"{k}/{c}", v, done)
                     line += f" {k}=[" + " ".join(f"{v:.3f}" for v in vec.tolist()) + "]"
+            if crop_stats.pl.sum() > 0:
+                crop = crop_stats.summary()
+                crop_history.append({"step": done, **crop})
+                for key, vec in crop.items():
+                    names = organs if key.endswith("share") else classes
+                    for c, v in zip(names, vec):
+                        if np.isfinite(v):
+                            writer.add_scalar(f"crop_pl_{key}/{c}", v, done)
             log.info(line)
+            if echo:
+                print(f"[{m['name']}] {line}", flush=True)
             bar.set_postfix(loss=f"{scalars['loss/total']:.3f}")
             acc, tic = {}, time.perf_counter()
         elif rank != 0 and done % t["log_every"] == 0:
@@ -464,8 +432,13 @@ def train(cfg: dict, out_dir, resume: bool = False) -> dict:
                 for c, v in zip(organs, dice.tolist()):
                     writer.add_scalar(f"val_dice/{c}", v, done)
                 writer.add_scalar("val_dice/mean", mean, done)
-                log.info(f"validation step {done}: mean Dice {mean:.4f} | " +
-                         " ".join(f"{c}={v:.3f}" for c, v in zip(organs, dice.tolist())))
+                history.append({"step": done, "dice_mean": mean,
+                                "dice": {c: float(v) for c, v in zip(organs, dice.tolist())}})
+                msg = (f"validation step {done}: mean Dice {mean:.4f} | " +
+                       " ".join(f"{c}={v:.3f}" for c, v in zip(organs, dice.tolist())))
+                log.info(msg)
+                if echo:
+                    print(f"[{m['name']}] {msg}", flush=True)
                 if mean > best:
                     best, best_step = mean, done
                     save(done, "best")
@@ -476,7 +449,8 @@ def train(cfg: dict, out_dir, resume: bool = False) -> dict:
         _barrier()
     bar.close()
 
-    result = {"step": t["steps"], "best_metric": float(best), "best_step": best_step}
+    result = {"step": t["steps"], "best_metric": float(best), "best_step": best_step,
+              "val_history": history}
     if rank == 0:
         if last_dice is None:  # resumed at the end: evaluate the final weights once
             last_dice = validate(unwrap(algo.inference_network()), eval_ds, cfg, C, device)
@@ -486,6 +460,7 @@ def train(cfg: dict, out_dir, resume: bool = False) -> dict:
         # whole volumes; the eval pipeline includes a label where the case has one
         report_ds = build_dataset(root, report_ids, "eval", patch, C, 1, False)
         report = pseudo_label_report(algo, unwrap(algo.inference_network()), report_ds, cfg, classes, prior, device)
+        report["crop_history"] = crop_history  # confident pseudo-labels of the training crops
         with atomic_path(out_dir / "pseudo_labels.json") as tmp:
             tmp.write_text(json.dumps(report, indent=1), encoding="utf-8")
         result["pseudo_labels"] = str(out_dir / "pseudo_labels.json")
@@ -493,6 +468,9 @@ def train(cfg: dict, out_dir, resume: bool = False) -> dict:
                  f"pseudo-label share {report['pseudo_label_share']}")
         with atomic_path(out_dir / "metrics.json") as tmp:
             tmp.write_text(json.dumps(result, indent=1), encoding="utf-8")
+        if cfg["eval"]["postprocess"]:  # per-organ component rules that eval/predict apply
+            from medseg_dpl.evaluation.postprocess import postprocess_run
+            postprocess_run(out_dir, data_dir=root, device=device, progress=False)
         writer.close()
     _barrier()
     return result

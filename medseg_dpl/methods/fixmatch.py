@@ -1,22 +1,61 @@
 """FixMatch for segmentation with an EMA teacher (the DebiasPL paper's "EMAN" setting).
 
 The teacher sees the weak view; its confident voxels (max prob >= threshold) become hard
-pseudo-labels for the student's strong view (same voxels). Labeled and strong-unlabeled crops
-go through the student in one forward pass (one DDP forward per backward).
-Subclasses change only :meth:`teacher_probs` (the pseudo-label) and :meth:`unsup_logits`.
+pseudo-labels for the student's strong view (same voxels). The strong view is further mixed
+across the unlabeled batch by 3D CutMix (``method.cutmix``: a random box of crop i is replaced
+by the same box of crop i+1, image and pseudo-label alike, as UniMatch/CutMix-Seg do), so it
+really differs from the weak view. The unsupervised loss (``method.unsup_loss``) is the
+masked cross-entropy (``ce``) or that plus a Dice loss on the confident voxels (``dice_ce``,
+the supervised loss's form: Dice does not let the background's voxel count drown the organs).
+Labeled and strong-unlabeled crops go through the student in one forward pass.
+Subclasses change :meth:`teacher_probs` (the pseudo-label), :meth:`thresholds` and
+:meth:`unsup_logits`.
 """
 from __future__ import annotations
 
 import torch
+from monai.losses import MaskedDiceLoss
 
 from medseg_dpl.core.debias import masked_cross_entropy, pseudo_labels
 from medseg_dpl.methods.base import Algorithm, class_share
+
+UNSUP_LOSSES = ("ce", "dice_ce")
+
+
+def cutmix_boxes(n: int, spatial: tuple[int, ...], prob: float, device) -> torch.Tensor:
+    """Boolean ``(n, *spatial)`` boxes, one per sample with probability ``prob`` (else empty).
+
+    Each box covers a random share (0.1–0.5) of the crop's volume with a random aspect
+    (sides drawn per axis), at a random position; drawn from the global torch RNG, which the
+    trainer seeds per step.
+    """
+    boxes = torch.zeros((n, *spatial), dtype=torch.bool, device=device)
+    for i in range(n):
+        if torch.rand(()) >= prob:
+            continue
+        share = 0.1 + 0.4 * torch.rand(())
+        aspect = torch.empty(len(spatial)).uniform_(0.7, 1.4)
+        side = (share * aspect.prod() ** -1) ** (1 / len(spatial)) * aspect
+        idx = []
+        for ax, s in enumerate(spatial):
+            w = int(min(s, max(1, round(float(side[ax]) * s))))
+            start = int(torch.randint(0, s - w + 1, ()))
+            idx.append(slice(start, start + w))
+        boxes[(i, *idx)] = True
+    return boxes
 
 
 class FixMatch(Algorithm):
     name = "fixmatch"
     uses_unlabeled = True
     uses_teacher = True
+
+    def __init__(self, student, cfg, num_classes, prior=None):
+        super().__init__(student, cfg, num_classes, prior)
+        if cfg["method"]["unsup_loss"] not in UNSUP_LOSSES:
+            raise ValueError(f"method.unsup_loss: expected one of {UNSUP_LOSSES}, "
+                             f"got {cfg['method']['unsup_loss']!r}")
+        self.unsup_dice = MaskedDiceLoss(to_onehot_y=True, softmax=True)
 
     @torch.no_grad()
     def weak_logits(self, batch: dict) -> torch.Tensor:
@@ -30,27 +69,50 @@ class FixMatch(Algorithm):
         """Probabilities to pseudo-label from (plain softmax here) and extra logs."""
         return torch.softmax(logits_w, dim=1), {}
 
+    def thresholds(self):
+        """The confidence threshold: a float, or a ``(C,)`` tensor of per-class thresholds."""
+        return self.cfg["method"]["threshold"]
+
     def unsup_logits(self, logits_s: torch.Tensor) -> torch.Tensor:
-        """Logits the unsupervised cross-entropy is computed on."""
+        """Logits the unsupervised loss is computed on."""
         return logits_s
 
     @torch.no_grad()
     def pseudo_label_probs(self, logits: torch.Tensor) -> torch.Tensor:
         return self.teacher_probs(logits.float())[0]
 
+    def unsup_loss(self, logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``logits`` ``(U, C, *)``, ``labels`` long and ``mask`` bool ``(U, *)``."""
+        loss = masked_cross_entropy(logits, labels, mask)
+        if self.cfg["method"]["unsup_loss"] == "dice_ce" and mask.any():
+            loss = loss + self.unsup_dice(logits.float(), labels[:, None].float(), mask[:, None].float())
+        return loss
+
     def train_step(self, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
         x_l, y_l = batch["image"], batch["label"]
         logits_w = self.weak_logits(batch)
         probs, extra = self.teacher_probs(logits_w)
-        labels_u, mask = pseudo_labels(probs, self.cfg["method"]["threshold"])
+        thr = self.thresholds()
+        labels_u, mask = pseudo_labels(probs, thr)
 
-        logits = self.student(torch.cat([x_l, batch["image_strong"]], dim=0))
+        x_s, mixed_labels, mixed_mask = batch["image_strong"], labels_u, mask
+        if self.cfg["method"]["cutmix"] > 0 and x_s.shape[0] > 1:
+            box = cutmix_boxes(x_s.shape[0], tuple(x_s.shape[2:]), self.cfg["method"]["cutmix"], x_s.device)
+            other = torch.roll(torch.arange(x_s.shape[0], device=x_s.device), -1)
+            x_s = torch.where(box[:, None], x_s[other], x_s)
+            mixed_labels = torch.where(box, labels_u[other], labels_u)
+            mixed_mask = torch.where(box, mask[other], mask)
+
+        logits = self.student(torch.cat([x_l, x_s], dim=0))
         logits_l, logits_s = logits[: x_l.shape[0]], logits[x_l.shape[0]:]
         sup = self.supervised_loss(logits_l, y_l)
-        unsup = masked_cross_entropy(self.unsup_logits(logits_s), labels_u, mask)
+        unsup = self.unsup_loss(self.unsup_logits(logits_s), mixed_labels, mixed_mask)
         weight = self.unsup_weight(step)
         loss = sup + weight * unsup
         logs = {"loss/sup": sup.detach(), "loss/unsup": unsup.detach(), "unsup_weight": weight,
                 "mask_ratio": mask.float().mean(),
-                "pl_share": class_share(labels_u, mask, self.num_classes), **extra}
+                "pl_share": class_share(labels_u, mask, self.num_classes),
+                "_pseudo_labels": (labels_u, mask), **extra}
+        if isinstance(thr, torch.Tensor):
+            logs["thresholds"] = thr.detach().clone()
         return loss, logs
