@@ -1,4 +1,4 @@
-"""CT data: raw readers, integrity check, preprocessing, splits, phantom, MONAI pipelines.
+"""CT and MR data: raw readers, integrity check, preprocessing, splits, phantom, MONAI pipelines.
 
 The contract's helpers are importable from here (loaded lazily, so ``import medseg_dpl.data``
 stays cheap): ``load_manifest``, ``read_split``, ``read_image``, ``preprocess_image``,

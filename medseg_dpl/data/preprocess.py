@@ -224,9 +224,10 @@ def mr_body_mask(image: np.ndarray) -> np.ndarray:
     if float(img.max()) <= lo:
         return np.ones(img.shape, dtype=bool)
     logv = np.log1p(img - lo)
-    mask = logv > _otsu(logv[::2, ::2, :].ravel())    # every 2nd in-plane voxel: same histogram
-    lab, k = _largest_component(mask)
-    mask = lab == k
+    found = _largest_component(logv > _otsu(logv[::2, ::2, :].ravel()))  # 2nd voxels: same histogram
+    if found is None:
+        return np.ones(img.shape, dtype=bool)
+    mask = found[0] == found[1]
     for z in range(mask.shape[2]):
         mask[:, :, z] = ndimage.binary_fill_holes(mask[:, :, z])
     return mask
