@@ -35,9 +35,10 @@ ALIASES = {
 }
 ATLAS = "atlas"
 
-# Sizes: the default fits ~10 min on 2 CPU cores, --quick ~3 min (it is what the tests run).
+# Sizes: the default is the benchmark's (steps and patch from the config), --quick the small
+# version the tests run. steps None: the config's train.steps / train.val_every.
 SETTINGS = {
-    "default": {"cases": 30, "shape": (80, 80, 64), "steps": 600, "val_every": 150},
+    "default": {"cases": 30, "shape": (80, 80, 64), "steps": None, "val_every": None},
     "quick": {"cases": 10, "shape": (40, 40, 32), "steps": 40, "val_every": 20,
               "extra": ["data.patch_size=[24,24,24]"]},
 }
@@ -49,8 +50,9 @@ def known_rows() -> list[str]:
     return [*REGISTRY, *ALIASES, ATLAS]
 
 
-def _config(row: str, prep: Path, splits: Path, tag: str, seed: int, steps: int, val_every: int,
-            device: str, progress: bool, extra: Sequence[str], config: Path | None = None) -> dict:
+def _config(row: str, prep: Path, splits: Path, tag: str, seed: int, steps: int | None,
+            val_every: int | None, device: str, progress: bool, extra: Sequence[str],
+            config: Path | None = None) -> dict:
     from medseg_dpl.config import load_config
     from medseg_dpl.engine.defaults import SEG_DEFAULTS
 
@@ -59,8 +61,8 @@ def _config(row: str, prep: Path, splits: Path, tag: str, seed: int, steps: int,
                  f"data.labeled_split={splits / f'labeled_{tag}.txt'}",
                  f"data.unlabeled_split={splits / f'unlabeled_{tag}.txt'}",
                  f"data.eval_split={splits / 'eval.txt'}", f"train.seed={seed}",
-                 f"train.steps={steps}", f"train.val_every={val_every}",
-                 f"train.checkpoint_every={val_every}", f"train.device={device}",
+                 *([f"train.steps={steps}", f"train.val_every={val_every}",
+                    f"train.checkpoint_every={val_every}"] if steps else []), f"train.device={device}",
                  f"train.progress={str(progress).lower()}", *extra]
     return load_config(config or CONFIG_DIR / "phantom.yaml", overrides, SEG_DEFAULTS)
 
@@ -157,6 +159,8 @@ def run_demo(out: str | Path, quick: bool = False, labeled: float = 0.2,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    # progress bars only on a terminal; redirected output gets the trainer's periodic lines
+    bars = progress and sys.stderr.isatty()
 
     def stage(msg):
         print(f"[demo {time.perf_counter() - t0:6.0f}s] {msg}", flush=True)
@@ -164,9 +168,9 @@ def run_demo(out: str | Path, quick: bool = False, labeled: float = 0.2,
     if data is None:
         raw, prep = out / "raw", out / "prep"
         stage(f"1/5 phantom: {s['cases']} cases of {s['shape']} voxels, {layout} layout -> {raw}")
-        make_phantom(raw, layout=layout, cases=s["cases"], seed=0, shape=s["shape"], progress=progress)
+        make_phantom(raw, layout=layout, cases=s["cases"], seed=0, shape=s["shape"], progress=bars)
         stage(f"2/5 check + preprocess -> {prep}")
-        preprocess_dataset(layout, raw, prep, progress=progress)
+        preprocess_dataset(layout, raw, prep, progress=bars)
     else:
         prep = Path(data)
         stage(f"1-2/5 data: {prep}")
@@ -192,13 +196,13 @@ def run_demo(out: str | Path, quick: bool = False, labeled: float = 0.2,
                 summary = evaluate_atlas(prep, str(sd / f"labeled_{tag}.txt"), str(sd / "eval.txt"),
                                          str(sd / "test.txt"), run / "eval", method=ATLAS)
             else:
-                stage(f"3/5 train {method} (seed {seed}, {s['steps']} steps) -> {run}")
                 cfg = _config(method, prep, sd, tag, seed, s["steps"], s["val_every"], device, progress,
                               extra, Path(config) if config else None)
+                stage(f"3/5 train {method} (seed {seed}, {cfg['train']['steps']} steps) -> {run}")
                 train(cfg, run)
                 stage(f"4/5 eval {method} (seed {seed}) on the test split")
                 summary = evaluate_checkpoint(run / "checkpoints" / "best.pt", prep, run / "eval",
-                                              split=str(sd / "test.txt"), method=method, progress=progress,
+                                              split=str(sd / "test.txt"), method=method, progress=bars,
                                               num_overlays=1)
             organs = list(summary["organs"])
             raw = summary.get("raw", summary)

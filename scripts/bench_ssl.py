@@ -174,7 +174,7 @@ def main() -> None:
     for frac in args.fractions:
         root = Path(args.out) / f"{round(100 * frac)}p"
         res = run_demo(root, quick=args.quick, labeled=frac, seeds=args.seeds, methods=args.methods,
-                       cases=args.cases, steps=args.steps, progress=False, extra=args.overrides,
+                       cases=args.cases, steps=args.steps, progress=True, extra=args.overrides,
                        data=args.data, config=args.config)
         rows = res["rows"]
         report.append(
