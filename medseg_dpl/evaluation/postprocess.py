@@ -242,14 +242,12 @@ def load_decision(path: str | os.PathLike) -> dict:
 
 
 def decision_for_checkpoint(checkpoint: str | os.PathLike, ckpt: dict | None = None) -> dict | None:
-    """The decision a checkpoint carries (key ``"postprocessing"``), else its run's
-    ``RUN/postprocessing.json`` (checkpoint in ``RUN/checkpoints/``), else None."""
-    path = Path(checkpoint)
+    """The decision a loaded checkpoint dict carries (key ``"postprocessing"``), else None.
+
+    Only the checkpoint counts, not a ``postprocessing.json`` lying beside it: that file may be
+    left from an earlier run in the same folder (``postprocess_run`` writes both)."""
     if ckpt is not None and ckpt.get("postprocessing"):
-        return validate_decision(ckpt["postprocessing"], f"{path} ['postprocessing']")
-    run_file = path.resolve().parent.parent / "postprocessing.json"
-    if path.resolve().parent.name == "checkpoints" and run_file.is_file():
-        return load_decision(run_file)
+        return validate_decision(ckpt["postprocessing"], f"{checkpoint} ['postprocessing']")
     return None
 
 
