@@ -36,7 +36,8 @@ def test_eval_checkpoint_outputs(evaluated, phantom_prep):
     run, m = evaluated
     out = run / "eval"
     rows = _read_csv(out / "per_case.csv")
-    assert list(rows[0]) == ["case", "organ", "dice", "hd95", "asd"]
+    # the headline columns (post-processed when the run has a decision), the raw ones beside them
+    assert list(rows[0]) == ["case", "organ", "dice", "hd95", "asd", "dice_raw", "hd95_raw", "asd_raw"]
     test_ids = (phantom_prep / "splits" / "test.txt").read_text(encoding="utf-8").split()
     assert sorted({r["case"] for r in rows}) == sorted(test_ids)
     assert len(rows) == len(test_ids) * (len(m["classes"]) - 1)

@@ -1,9 +1,10 @@
-"""``medseg-dpl predict | eval | compare``: thin layers over the evaluation package's functions."""
+"""``medseg-dpl predict | eval | postprocess | compare``: thin layers over the evaluation package's functions."""
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from medseg_dpl.evaluation.metrics import PROTOCOLS
 
@@ -12,9 +13,10 @@ def _errors() -> tuple[type[BaseException], ...]:
     from medseg_dpl.evaluation.compare import CompareError
     from medseg_dpl.evaluation.evaluate import EvalError
     from medseg_dpl.evaluation.metrics import MetricInputError
+    from medseg_dpl.evaluation.postprocess import PostprocessError
     from medseg_dpl.evaluation.predict import PredictError
     errs: list[type[BaseException]] = [PredictError, EvalError, CompareError, MetricInputError,
-                                       FileNotFoundError]
+                                       PostprocessError, FileNotFoundError]
     try:
         from medseg_dpl.data.io import DataError
         errs.append(DataError)
@@ -39,8 +41,10 @@ def _predict(args) -> int:
     from medseg_dpl.evaluation.predict import predict
     paths = predict(args.checkpoint, args.input, args.out, overlap=args.overlap,
                     sw_batch_size=args.sw_batch_size, tta=args.tta, device=args.device,
-                    interpolation=args.interpolation)
-    print(f"wrote {len(paths)} label map(s) to {args.out}")
+                    interpolation=args.interpolation, postprocess=not args.no_postprocess,
+                    save_probs=args.save_probs, modality=args.modality)
+    print(f"wrote {len(paths)} label map(s) to {args.out}"
+          + (" and their <case>_probs.npz" if args.save_probs else ""))
     return 0
 
 
@@ -61,7 +65,8 @@ def _eval(args) -> int:
                                 overlap=args.overlap, sw_batch_size=args.sw_batch_size,
                                 tta=args.tta, device=args.device, protocol=args.protocol,
                                 save_predictions=not args.no_save_predictions,
-                                num_overlays=args.overlays, method=args.method)
+                                num_overlays=args.overlays, method=args.method,
+                                postprocess=not args.no_postprocess)
     elif args.pred:
         if not args.labels:
             raise EvalError("--pred needs --labels LABEL_DIR")
@@ -72,6 +77,18 @@ def _eval(args) -> int:
     else:
         raise EvalError("give --checkpoint CKPT --data PREP_DIR, or --pred PRED_DIR --labels LABEL_DIR")
     _print_summary(s, args.out)
+    return 0
+
+
+def _postprocess(args) -> int:
+    from medseg_dpl.evaluation.postprocess import describe, postprocess_run
+    fractions = [float(f) for f in args.fractions.split(",")] if args.fractions else None
+    kw = {"fractions": fractions} if fractions else {}
+    decision = postprocess_run(args.run, data_dir=args.data, split=args.split, device=args.device,
+                               tta=args.tta, **kw)
+    print(describe(decision))
+    run = Path(decision["checkpoint"]).parent.parent
+    print(f"wrote {run / 'postprocessing.json'} and stored it in {run / 'checkpoints'}/{{best,last}}.pt")
     return 0
 
 
@@ -96,6 +113,12 @@ def register(subparsers) -> None:
     _inference_args(p)
     p.add_argument("--interpolation", choices=("linear", "nearest"), default="linear",
                    help="back to the input grid: resample probabilities (linear) or labels (nearest)")
+    p.add_argument("--modality", choices=("ct", "mr"), default=None,
+                   help="the input's modality; needed only for a model trained on CT and MR "
+                        "(default: the checkpoint's)")
+    p.add_argument("--save-probs", action="store_true",
+                   help="also write OUT/<case>_probs.npz: raw softmax (C, X, Y, Z) float16 on the "
+                        "input's grid + its affine (for ensembling, or as teacher.predictions)")
     p.set_defaults(func=_guard(_predict))
 
     e = subparsers.add_parser("eval", help="Dice / HD95 / ASD per organ, reports and plots",
@@ -118,6 +141,22 @@ def register(subparsers) -> None:
     _inference_args(e)
     e.set_defaults(func=_guard(_eval))
 
+    pp = subparsers.add_parser("postprocess", help="decide per-organ connected-component post-processing",
+                               description="Predict a run's eval split, keep per organ the connected-"
+                                           "component rule (keep largest / drop small) that raises its "
+                                           "Dice, write RUN/postprocessing.json and store it in "
+                                           "RUN/checkpoints/{best,last}.pt (eval and predict apply it). "
+                                           "train does this at its end (eval.postprocess).")
+    pp.add_argument("--run", required=True, help="RUN_DIR (or RUN_DIR/checkpoints/best.pt)")
+    pp.add_argument("--data", help="PREP_DIR (default: the run config's data.root)")
+    pp.add_argument("--split", help="split to decide on (default: the run config's data.eval_split)")
+    pp.add_argument("--fractions", help="candidate min_fraction values of the drop-small rule, "
+                                        "comma-separated (default 0.1,0.25)")
+    pp.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                    help="flip TTA (default: the run config's eval.tta)")
+    pp.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    pp.set_defaults(func=_guard(_postprocess))
+
     c = subparsers.add_parser("compare", help="mean ± std tables and a grouped Dice chart over runs")
     c.add_argument("runs", nargs="+", metavar="RUN_DIR", help="folders holding an eval summary.json")
     c.add_argument("--seeds", action="store_true",
@@ -130,5 +169,9 @@ def register(subparsers) -> None:
 def _inference_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overlap", type=float, default=None, help="sliding-window overlap (default: config)")
     p.add_argument("--sw-batch-size", type=int, default=None, help="windows per forward pass (default: config)")
-    p.add_argument("--tta", action="store_true", help="average over the 8 axis flips")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="average the softmax over the 8 axis flips (default: the checkpoint "
+                        "config's eval.tta)")
+    p.add_argument("--no-postprocess", action="store_true",
+                   help="do not apply the run's post-processing (RUN/postprocessing.json): raw labels")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")

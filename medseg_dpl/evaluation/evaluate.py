@@ -8,9 +8,12 @@ Outputs in ``out_dir``:
 
 * ``per_case.csv``: ``case, organ, dice, hd95, asd`` (Dice as a fraction; distances in mm for
   the standard protocol, in voxels for ``dhc``; NaN where an organ is absent in both maps);
+  scoring a checkpoint, these are after the run's post-processing and ``dice_raw, hd95_raw,
+  asd_raw`` follow with the raw prediction's scores;
 * ``summary.json``: per organ ``{metric: {mean, std, n}}`` over cases, ``overall`` (``mean``:
   the mean of the per-organ means, the papers' "Avg"; ``std``: over cases of each case's
-  organ average) and per-case averages;
+  organ average) and per-case averages; scoring a checkpoint also ``raw`` (the same three
+  tables before post-processing) and ``postprocessing`` (applied or not, op per organ);
 * ``results.md``: the papers' table (Avg Dice, Avg ASD, one Dice column per organ) and a
   per-organ Dice/HD95/ASD table;
 * ``dice_per_organ.png`` (bars with std over cases) and ``overlays/<case>.png`` (axial slices,
@@ -37,6 +40,7 @@ log = logging.getLogger(__name__)
 
 METRICS = ("dice", "hd95", "asd")
 CSV_COLUMNS = ("case", "organ", "dice", "hd95", "asd")
+RAW_COLUMNS = ("dice_raw", "hd95_raw", "asd_raw")  # checkpoint mode: before post-processing
 
 
 class EvalError(RuntimeError):
@@ -203,17 +207,33 @@ def plot_overlay(path: str | os.PathLike, truth: np.ndarray, pred: np.ndarray,
 
 
 def write_report(rows: list[dict], organs: Sequence[str], out_dir: str | os.PathLike,
-                 protocol: str = "standard", method: str = "ours", extra: dict | None = None) -> dict:
-    """Write ``per_case.csv``, ``summary.json``, ``results.md``, ``dice_per_organ.png``; return the summary."""
+                 protocol: str = "standard", method: str = "ours", extra: dict | None = None,
+                 raw_rows: list[dict] | None = None) -> dict:
+    """Write ``per_case.csv``, ``summary.json``, ``results.md``, ``dice_per_organ.png``; return the summary.
+
+    ``raw_rows`` (same cases and organs as ``rows``, before post-processing): added as the
+    ``dice_raw, hd95_raw, asd_raw`` columns and as ``summary["raw"]`` (``overall``,
+    ``per_organ``, ``per_case``); ``rows`` stay the headline.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    columns = CSV_COLUMNS + (RAW_COLUMNS if raw_rows is not None else ())
+    if raw_rows is not None:
+        raw_by = {(r["case"], r["organ"]): r for r in raw_rows}
+        rows_out = [{**r, **{f"{m}_raw": raw_by[(r["case"], r["organ"])][m] for m in METRICS}} for r in rows]
+    else:
+        rows_out = rows
     with atomic_path(out / "per_case.csv") as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+            w = csv.DictWriter(f, fieldnames=columns)
             w.writeheader()
-            for r in rows:
-                w.writerow({k: (f"{r[k]:.6f}" if isinstance(r[k], float) else r[k]) for k in CSV_COLUMNS})
-    summary = summarize(rows, organs, protocol, {"method": method, **(extra or {})})
+            for r in rows_out:
+                w.writerow({k: (f"{r[k]:.6f}" if isinstance(r[k], float) else r[k]) for k in columns})
+    extra = {"method": method, **(extra or {})}
+    if raw_rows is not None:
+        raw = summarize(raw_rows, organs, protocol)
+        extra["raw"] = {k: raw[k] for k in ("overall", "per_organ", "per_case")}
+    summary = summarize(rows, organs, protocol, extra)
     with atomic_path(out / "summary.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8")
     with atomic_path(out / "results.md") as tmp:
@@ -228,35 +248,12 @@ def _resolve(path: str, base: Path) -> Path:
     return p if p.is_absolute() or p.exists() else base / p
 
 
-def evaluate_checkpoint(checkpoint: str | os.PathLike, data_dir: str | os.PathLike,
-                        out_dir: str | os.PathLike, split: str = "test",
-                        overlap: float | None = None, sw_batch_size: int | None = None,
-                        tta: bool = False, device: str | None = None,
-                        protocol: str = "standard", save_predictions: bool = True,
-                        num_overlays: int = 2, method: str | None = None,
-                        interpolation: str = "linear", progress: bool = True) -> dict:
-    """Predict the cases of ``split`` and score them against their source labels.
-
-    Each case's preprocessed image (``PREP_DIR/imagesTr``) is segmented by sliding windows, the
-    probabilities are mapped back onto the original grid recorded in ``dataset.json``
-    (``original.shape``/``affine``) and scored against ``source_label`` at its voxel spacing.
-    Writes the report files (module docstring), ``predictions/<id>.nii.gz`` (if
-    ``save_predictions``) and ``overlays/<id>.png`` for the first ``num_overlays`` cases.
-    Returns the summary dict (also ``summary.json``); ``method`` names the table row
-    (default: the checkpoint config's method, else the run folder's name).
-    """
-    import nibabel as nib
-
+def _split_cases(lm, checkpoint, data_dir: Path, split: str, allow_prep_labels: bool = False) -> list[dict]:
+    """The ``dataset.json`` entries of ``split`` after checking that ``lm`` fits the PREP_DIR."""
     from medseg_dpl.data.manifest import load_manifest, read_split
-    from medseg_dpl.evaluation.predict import (iter_case_predictions,
-                                               load_checkpoint_model, write_labels)
 
-    if protocol not in PROTOCOLS:
-        raise EvalError(f"--protocol must be one of {PROTOCOLS}, got {protocol!r}")
-    data_dir, out = Path(data_dir), Path(out_dir)
     manifest = load_manifest(data_dir)
     ids = read_split(data_dir, split)
-    lm = load_checkpoint_model(checkpoint, device)
     classes = list(manifest["classes"])
     if classes != lm.classes:
         raise EvalError(f"{checkpoint}: classes {lm.classes} differ from {data_dir / 'dataset.json'} "
@@ -264,35 +261,104 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data_dir: str | os.PathLi
     if not np.allclose(lm.spacing, manifest["spacing"], rtol=1e-4):
         raise EvalError(f"{checkpoint}: trained at spacing {lm.spacing} mm but {data_dir} is prepped at "
                         f"{manifest['spacing']} mm; score with `medseg-dpl predict` + `eval --pred` instead")
+    trained, here = ((rec or {}).get("modality", "ct") for rec in (lm.intensity, manifest.get("intensity")))
+    if trained != here:
+        raise EvalError(f"{checkpoint}: trained on {trained} images but {data_dir} holds {here} images")
     clip = (manifest.get("intensity") or {}).get("clip")
     if clip is not None and not np.allclose(lm.clip, clip):
         raise EvalError(f"{checkpoint}: trained with HU clip {lm.clip} but {data_dir} uses {clip}")
-    organs = classes[1:]
     by_id = {c["id"]: c for c in manifest["cases"]}
     missing = [i for i in ids if i not in by_id]
     if missing:
         raise EvalError(f"{data_dir}/splits/{split}.txt: ids not in dataset.json: {missing[:5]}")
     cases = [by_id[i] for i in ids]
     for c in cases:
-        if not c.get("source_label"):
+        if not c.get("source_label") and not (allow_prep_labels and c.get("label")):
             raise EvalError(f"{data_dir / 'dataset.json'}: case {c['id']} has no source_label to score against")
+    return cases
 
-    def items():
-        for c in cases:
-            img = nib.load(str(data_dir / c["image"]))
-            yield c["id"], np.asarray(img.dataobj, dtype=np.float32), np.asarray(img.affine, float), c
 
-    rows = []
-    gen = iter_case_predictions(lm, items(), overlap, sw_batch_size, tta, interpolation)
-    for n, (cid, pred) in enumerate(tqdm(gen, total=len(cases), desc=f"eval {split}", unit="case",
-                                         disable=not progress)):
+def split_predictions(lm, checkpoint, data_dir: str | os.PathLike, split: str,
+                      overlap: float | None = None, sw_batch_size: int | None = None, tta: bool = False,
+                      interpolation: str = "linear", allow_prep_labels: bool = False,
+                      progress: bool = True, desc: str | None = None):
+    """Raw predictions of a PREP_DIR split with their ground truth, case by case.
+
+    Yields ``(case id, pred (X, Y, Z) uint8, truth (X, Y, Z) int, truth affine 4x4)`` on the
+    case's original grid (``source_label``). With ``allow_prep_labels`` a case without a
+    source label is predicted and scored on the preprocessed grid against its prepped label.
+    """
+    import nibabel as nib
+
+    from medseg_dpl.evaluation.predict import infer_probs, iter_case_predictions
+
+    data_dir = Path(data_dir)
+    cases = _split_cases(lm, checkpoint, data_dir, split, allow_prep_labels)
+    for c in tqdm(cases, desc=desc or f"eval {split}", unit="case", disable=not progress):
+        img = nib.load(str(data_dir / c["image"]))
+        image, paff = np.asarray(img.dataobj, dtype=np.float32), np.asarray(img.affine, float)
+        if c.get("source_label"):
+            _, pred = next(iter_case_predictions(lm, [(c["id"], image, paff, c)], overlap,
+                                                 sw_batch_size, tta, interpolation))
+            truth, taff = _read_labels(_resolve(c["source_label"], data_dir))
+            if truth.shape != pred.shape:
+                raise EvalError(f"{c['source_label']}: shape {truth.shape} differs from the recorded "
+                                f"original shape {pred.shape}")
+        else:  # no source label (allow_prep_labels): the preprocessed grid
+            pred = infer_probs(lm, image, overlap, sw_batch_size, tta).argmax(0).astype(np.uint8)
+            truth, taff = _read_labels(data_dir / c["label"])
+            if truth.shape != pred.shape:
+                raise EvalError(f"{data_dir / c['label']}: shape {truth.shape} differs from image {image.shape}")
+        yield c["id"], pred, truth, taff
+
+
+def evaluate_checkpoint(checkpoint: str | os.PathLike, data_dir: str | os.PathLike,
+                        out_dir: str | os.PathLike, split: str = "test",
+                        overlap: float | None = None, sw_batch_size: int | None = None,
+                        tta: bool | None = None, device: str | None = None,
+                        protocol: str = "standard", save_predictions: bool = True,
+                        num_overlays: int = 2, method: str | None = None,
+                        interpolation: str = "linear", progress: bool = True,
+                        postprocess: bool = True) -> dict:
+    """Predict the cases of ``split`` and score them against their source labels.
+
+    Each case's preprocessed image (``PREP_DIR/imagesTr``) is segmented by sliding windows, the
+    probabilities are mapped back onto the original grid recorded in ``dataset.json``
+    (``original.shape``/``affine``) and scored against ``source_label`` at its voxel spacing.
+    ``postprocess``: apply the run's connected-component decision (the checkpoint's
+    ``"postprocessing"``, written by ``postprocess_run``; none: the raw result); the
+    headline scores are then post-processed and the raw ones are reported beside them
+    (``dice_raw``... columns, ``summary["raw"]``). ``tta``: flip TTA (None: the checkpoint
+    config's ``eval.tta``).
+    Writes the report files (module docstring), ``predictions/<id>.nii.gz`` (post-processed, if
+    ``save_predictions``) and ``overlays/<id>.png`` for the first ``num_overlays`` cases.
+    Returns the summary dict (also ``summary.json``); ``method`` names the table row
+    (default: the checkpoint config's method, else the run folder's name).
+    """
+    from medseg_dpl.evaluation.postprocess import apply_postprocessing
+    from medseg_dpl.evaluation.predict import load_checkpoint_model, write_labels
+
+    if protocol not in PROTOCOLS:
+        raise EvalError(f"--protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    data_dir, out = Path(data_dir), Path(out_dir)
+    lm = load_checkpoint_model(checkpoint, device)
+    if tta is None:
+        tta = bool((lm.config.get("eval") or {}).get("tta", False))
+    decision = lm.postprocessing if postprocess else None
+    classes = lm.classes
+    organs = classes[1:]
+    by_id = {c["id"]: c for c in _split_cases(lm, checkpoint, data_dir, split)}
+
+    rows, raw_rows = [], []
+    for n, (cid, raw, truth, taff) in enumerate(split_predictions(
+            lm, checkpoint, data_dir, split, overlap, sw_batch_size, tta, interpolation,
+            progress=progress)):
         c = by_id[cid]
-        truth, taff = _read_labels(_resolve(c["source_label"], data_dir))
-        if truth.shape != pred.shape:
-            raise EvalError(f"{c['source_label']}: shape {truth.shape} differs from the recorded "
-                            f"original shape {pred.shape}")
         spacing = np.linalg.norm(taff[:3, :3], axis=0)
-        rows += score_case(cid, pred, truth, organs, spacing, protocol)
+        raw_rows += score_case(cid, raw, truth, organs, spacing, protocol)
+        pred = apply_postprocessing(raw, decision) if decision else raw
+        rows += (score_case(cid, pred, truth, organs, spacing, protocol)
+                 if not np.array_equal(pred, raw) else [dict(r) for r in raw_rows[-len(organs):]])
         if save_predictions:
             write_labels(pred, np.asarray(c["original"]["affine"], float),
                          out / "predictions" / f"{cid}.nii.gz")
@@ -302,14 +368,19 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data_dir: str | os.PathLi
             if src and _resolve(src, data_dir).exists():
                 from medseg_dpl.data.io import read_image
                 image = read_image(_resolve(src, data_dir), dtype=np.float32)[0]
+            # MR: the case's own body percentiles, not a HU window
+            window = tuple(c["normalization"]["clip"]) if c.get("normalization") else (-175.0, 250.0)
             plot_overlay(out / "overlays" / f"{cid}.png", truth, pred, image,
-                         num_classes=len(classes), title=f"case {cid}", affine=taff)
+                         num_classes=len(classes), title=f"case {cid}", affine=taff, window=window)
     if method is None:
         method = str(lm.config.get("method", {}).get("name") if isinstance(lm.config.get("method"), dict)
                      else lm.config.get("method") or Path(checkpoint).resolve().parent.parent.name)
+    pp_info = {"applied": bool(decision),
+               "organs": ({o: r["op"] + (f"@{r['min_fraction']:g}" if r["op"] == "remove_small" else "")
+                           for o, r in decision["organs"].items()} if decision else None)}
     return write_report(rows, organs, out, protocol, method,
                         {"checkpoint": str(checkpoint), "data": str(data_dir), "split": split,
-                         "tta": tta})
+                         "tta": tta, "postprocessing": pp_info}, raw_rows=raw_rows)
 
 
 def _read_labels(path: Path) -> tuple[np.ndarray, np.ndarray]:

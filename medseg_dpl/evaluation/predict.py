@@ -23,7 +23,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from medseg_dpl.data.io import dicom_series_ids, list_nifti, read_header
-from medseg_dpl.data.preprocess import preprocess_image, restore_to_original
+from medseg_dpl.data.preprocess import DEFAULT_CLIP, intensity_kwargs, preprocess_image, restore_to_original
 from medseg_dpl.utils import atomic_path
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,8 @@ class LoadedModel:
     sw_batch_size: int
     config: dict
     device: torch.device
+    postprocessing: dict | None = None  # the run's connected-component decision (postprocess.py)
+    intensity: dict | None = None       # PREP's intensity record: modality, CT clip, MR percentiles
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -74,7 +76,7 @@ def load_checkpoint_model(checkpoint: str | os.PathLike, device=None) -> LoadedM
     try:
         classes = list(ds["classes"])
         spacing = [float(s) for s in ds["spacing"]]
-        clip = [float(c) for c in ds["intensity"]["clip"]]
+        clip = [float(c) for c in ds["intensity"].get("clip", DEFAULT_CLIP)]  # none for MR-only
         patch = [int(p) for p in cfg["data"]["patch_size"]]
     except (KeyError, TypeError) as exc:
         raise PredictError(f"{path}: checkpoint lacks {exc} in its dataset/config record") from exc
@@ -86,8 +88,14 @@ def load_checkpoint_model(checkpoint: str | os.PathLike, device=None) -> LoadedM
     except RuntimeError as exc:
         raise PredictError(f"{path}: weights do not fit the configured network ({exc})") from exc
     model.to(dev).eval()
+    from medseg_dpl.evaluation.postprocess import PostprocessError, decision_for_checkpoint
+    try:
+        decision = decision_for_checkpoint(path, ckpt)
+    except PostprocessError as exc:
+        raise PredictError(str(exc)) from exc
     return LoadedModel(model, classes, spacing, clip, patch, float(ev.get("overlap", 0.5)),
-                       int(ev.get("sw_batch_size", 2)), cfg, dev)
+                       int(ev.get("sw_batch_size", 2)), cfg, dev, decision,
+                       intensity=dict(ds["intensity"]))
 
 
 # --------------------------------------------------------------------------- inputs
@@ -171,10 +179,14 @@ def resample_probs_to_grid(probs: np.ndarray, src_affine: np.ndarray, dst_shape:
 
 
 def infer_probs(lm: LoadedModel, image: np.ndarray, overlap: float | None = None,
-                sw_batch_size: int | None = None, tta: bool = False,
+                sw_batch_size: int | None = None, tta: bool | None = False,
                 amp: bool = True) -> np.ndarray:
-    """Softmax probabilities ``(C, X, Y, Z)`` float32 of a preprocessed ``(X, Y, Z)`` volume."""
+    """Softmax probabilities ``(C, X, Y, Z)`` float32 of a preprocessed ``(X, Y, Z)`` volume.
+
+    ``tta``: average over the 8 axis flips; None: the checkpoint config's ``eval.tta``."""
     from medseg_dpl.evaluation.inference import sliding_window_predict
+    if tta is None:
+        tta = bool((lm.config.get("eval") or {}).get("tta", False))
     x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None].to(lm.device)
     p = sliding_window_predict(lm.model, x, lm.patch_size,
                                overlap=lm.overlap if overlap is None else overlap,
@@ -220,25 +232,43 @@ def probs_to_original(probs: np.ndarray, prep_affine: np.ndarray, shape: Sequenc
 
 
 def predict_volume(lm: LoadedModel, source: Path, overlap=None, sw_batch_size=None,
-                   tta=False, interpolation: str = "linear"):
+                   tta=False, interpolation: str = "linear", postprocess: bool = True,
+                   keep_probs: bool = False, modality: str | None = None):
     """One input (NIfTI file or DICOM folder) -> ``(labels (X, Y, Z) uint8, affine, header)``
-    on the input's own grid."""
-    image, prep_affine, meta = preprocess_image(source, lm.spacing, lm.clip)
+    on the input's own grid, post-processed with the run's decision when ``postprocess``.
+    ``keep_probs`` appends ``(probs (C, x, y, z) float32, prep affine)``: the raw softmax on the
+    preprocessed grid. ``modality`` ("ct" | "mr"): the input's, needed only by a model trained
+    on both (AMOS with its MRI); default: the checkpoint's."""
+    try:  # the recorded modality's normalisation (CT window or MR z-score), as prep did
+        scheme = intensity_kwargs(lm.intensity, modality)
+    except ValueError as exc:
+        raise PredictError(f"{source}: {exc}") from None
+    image, prep_affine, meta = preprocess_image(source, lm.spacing, **scheme)
     shape, affine, header = source_geometry(source)
     probs = infer_probs(lm, np.asarray(image), overlap, sw_batch_size, tta)
     labels = probs_to_original(probs, prep_affine, shape, affine, meta, interpolation)
+    if postprocess and lm.postprocessing:
+        from medseg_dpl.evaluation.postprocess import apply_postprocessing
+        labels = apply_postprocessing(labels, lm.postprocessing)
+    if keep_probs:
+        return labels, affine, header, (probs, prep_affine)
     return labels, affine, header
 
 
 def predict(checkpoint: str | os.PathLike, input: str | os.PathLike, out_dir: str | os.PathLike,
-            overlap: float | None = None, sw_batch_size: int | None = None, tta: bool = False,
+            overlap: float | None = None, sw_batch_size: int | None = None, tta: bool | None = None,
             device: str | None = None, interpolation: str = "linear",
-            progress: bool = True) -> list[Path]:
+            progress: bool = True, postprocess: bool = True, save_probs: bool = False,
+            modality: str | None = None) -> list[Path]:
     """Predict every volume under ``input`` and write ``out_dir/<case>.nii.gz`` (uint8).
 
     ``input``: a NIfTI file, a folder of NIfTI files, or a DICOM series folder. ``overlap`` and
     ``sw_batch_size`` default to the checkpoint config's ``eval`` section; ``tta`` averages
-    the 8 flips; ``device`` ``"cpu"``, ``"cuda"`` or None (CUDA when available).
+    the 8 flips (None: the config's ``eval.tta``); ``device`` ``"cpu"``, ``"cuda"`` or None
+    (CUDA when available). ``postprocess``: apply the run's connected-component decision
+    (``RUN/postprocessing.json``, carried in the checkpoint). ``save_probs``: also write
+    ``out_dir/<case>_probs.npz`` (raw softmax, float16, in the input's geometry; see
+    ``medseg_dpl.evaluation.probabilities``).
     ``interpolation``: ``"linear"`` resamples probabilities then takes the argmax,
     ``"nearest"`` picks the nearest preprocessed voxel. Returns the written paths.
     """
@@ -247,8 +277,14 @@ def predict(checkpoint: str | os.PathLike, input: str | os.PathLike, out_dir: st
     out_dir = Path(out_dir)
     written = []
     for name, src in tqdm(cases, desc="predict", unit="case", disable=not progress):
-        labels, affine, header = predict_volume(lm, src, overlap, sw_batch_size, tta, interpolation)
+        labels, affine, header, (probs, prep_affine) = predict_volume(
+            lm, src, overlap, sw_batch_size, tta, interpolation, postprocess, keep_probs=True,
+            modality=modality)
         written.append(write_labels(labels, affine, out_dir / f"{name}.nii.gz", header))
+        if save_probs:
+            from medseg_dpl.evaluation.probabilities import probs_on_grid, save_probs_npz
+            save_probs_npz(out_dir / f"{name}_probs.npz",
+                           probs_on_grid(probs, prep_affine, labels.shape, affine), affine)
         log.info("wrote %s", written[-1])
     return written
 
