@@ -136,15 +136,15 @@ def run_demo(out: str | Path, quick: bool = False, labeled: float = 0.2,
     ``configs/phantom.yaml``); ``split_lists``: seed -> folder of split lists to import.
     Each seed draws its own split (``out/splits/seed<S>/``: test, eval and labeled cases) as
     well as its own initialisation. Returns ``{"rows": [...], "table": markdown, "paths": {...},
-    "runs": {(row, seed): run dir}, "splits": {seed: folder}}``; rows hold method, seed, organ,
-    dice (test split, after the run's post-processing), dice_raw (before).
+    "runs": {(row, seed): run dir}, "splits": {seed: folder}}`` (see :func:`collect_results`);
+    rows hold method, seed, organ, dice (test split, after the run's post-processing), dice_raw
+    (before).
     """
     from medseg_dpl.data import make_splits, preprocess_dataset
     from medseg_dpl.data.phantom import make_phantom
     from medseg_dpl.data.splits import fraction_tag
     from medseg_dpl.engine.trainer import train
     from medseg_dpl.evaluation.atlas import evaluate_atlas
-    from medseg_dpl.evaluation.compare import plot_grouped_dice
     from medseg_dpl.evaluation.evaluate import evaluate_checkpoint
 
     unknown = [m for m in methods if m not in known_rows()]
@@ -183,27 +183,54 @@ def run_demo(out: str | Path, quick: bool = False, labeled: float = 0.2,
         stage(f"    seed {seed} split: {len(sp['train'])} train ({len(sp[f'labeled_{tag}'])} labeled: "
               f"{', '.join(sp[f'labeled_{tag}'])}), {len(sp['eval'])} eval, {len(sp['test'])} test")
 
-    rows: list[dict] = []
-    reports: dict[str, list[dict]] = {}
     runs: dict = {}
-    organs: list[str] = []
     for method in methods:
         for seed in seeds:
             run, sd = out / "runs" / f"{method}_seed{seed}", split_dirs[seed]
             runs[(method, seed)] = run
             if method == ATLAS:
                 stage(f"3-4/5 atlas (seed {seed}): best labeled case on eval, scored on test")
-                summary = evaluate_atlas(prep, str(sd / f"labeled_{tag}.txt"), str(sd / "eval.txt"),
-                                         str(sd / "test.txt"), run / "eval", method=ATLAS)
-            else:
-                cfg = _config(method, prep, sd, tag, seed, s["steps"], s["val_every"], device, progress,
-                              extra, Path(config) if config else None)
-                stage(f"3/5 train {method} (seed {seed}, {cfg['train']['steps']} steps) -> {run}")
-                train(cfg, run)
-                stage(f"4/5 eval {method} (seed {seed}) on the test split")
-                summary = evaluate_checkpoint(run / "checkpoints" / "best.pt", prep, run / "eval",
-                                              split=str(sd / "test.txt"), method=method, progress=bars,
-                                              num_overlays=1)
+                evaluate_atlas(prep, str(sd / f"labeled_{tag}.txt"), str(sd / "eval.txt"),
+                               str(sd / "test.txt"), run / "eval", method=ATLAS)
+                continue
+            cfg = _config(method, prep, sd, tag, seed, s["steps"], s["val_every"], device, progress,
+                          extra, Path(config) if config else None)
+            stage(f"3/5 train {method} (seed {seed}, {cfg['train']['steps']} steps) -> {run}")
+            train(cfg, run)
+            stage(f"4/5 eval {method} (seed {seed}) on the test split")
+            evaluate_checkpoint(run / "checkpoints" / "best.pt", prep, run / "eval",
+                                split=str(sd / "test.txt"), method=method, progress=bars, num_overlays=1)
+
+    stage("5/5 tables and figures")
+    where = "phantom" if data is None else Path(data).name
+    res = collect_results(out, methods, seeds, title=f"{where} test cases, {labeled:.0%} labeled")
+    print(res["table"])
+    stage(f"done; outputs in {out}")
+    return {**res, "splits": split_dirs}
+
+
+def collect_results(out: str | Path, methods: Sequence[str], seeds: Sequence[int],
+                    title: str = "test cases") -> dict:
+    """Tables and figures from the runs in ``out/runs/<method>_seed<S>/`` (their
+    ``eval/summary.json`` and ``pseudo_labels.json``); runs that have not finished are left out,
+    so a report can be rebuilt from whatever is done. Writes ``results.csv``, ``results.md``,
+    ``dice_per_organ.png``, ``pseudo_label_distribution.png``; returns ``{"rows", "table",
+    "paths", "runs"}``."""
+    from medseg_dpl.evaluation.compare import plot_grouped_dice
+
+    out = Path(out)
+    rows: list[dict] = []
+    reports: dict[str, list[dict]] = {}
+    runs: dict = {}
+    organs: list[str] = []
+    for method in methods:
+        for seed in seeds:
+            run = out / "runs" / f"{method}_seed{seed}"
+            path = run / "eval" / "summary.json"
+            if not path.is_file():
+                continue
+            runs[(method, seed)] = run
+            summary = json.loads(path.read_text(encoding="utf-8"))
             organs = list(summary["organs"])
             raw = summary.get("raw", summary)
             for organ in organs:
@@ -215,8 +242,8 @@ def run_demo(out: str | Path, quick: bool = False, labeled: float = 0.2,
             pl = run / "pseudo_labels.json"
             if method not in ("supervised", ATLAS) and pl.exists():
                 reports.setdefault(method, []).append(json.loads(pl.read_text(encoding="utf-8")))
+    methods = [m for m in methods if any(r["method"] == m for r in rows)]
 
-    stage("5/5 tables and figures")
     with open(out / "results.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=["method", "seed", "organ", "dice", "dice_raw"])
         w.writeheader()
@@ -231,18 +258,14 @@ def run_demo(out: str | Path, quick: bool = False, labeled: float = 0.2,
                             and np.isfinite(r["dice"])], float)
             dice[o] = [float(v.mean()), float(v.std())] if v.size else None
         means = [np.nanmean([r["dice"] for r in rows if r["method"] == m and r["seed"] == sd])
-                 for sd in seeds]
+                 for sd in sorted({r["seed"] for r in rows if r["method"] == m})]
         grouped["methods"][m] = {"dice": dice, "avg_dice": [float(np.mean(means)), float(np.std(means))]}
-    where = "phantom" if data is None else Path(data).name
-    plot_grouped_dice(grouped, out / "dice_per_organ.png",
-                      title=f"Dice per organ, {where} test cases, {labeled:.0%} labeled")
+    plot_grouped_dice(grouped, out / "dice_per_organ.png", title=f"Dice per organ, {title}")
     paths = {"results_csv": out / "results.csv", "results_md": out / "results.md",
              "dice_per_organ": out / "dice_per_organ.png"}
     if reports:
         paths["pseudo_label_distribution"] = pseudo_label_figure(reports, out / "pseudo_label_distribution.png")
-    print(table)
-    stage(f"done; outputs in {out}")
-    return {"rows": rows, "table": table, "paths": paths, "runs": runs, "splits": split_dirs}
+    return {"rows": rows, "table": table, "paths": paths, "runs": runs}
 
 
 def _cmd_demo(args) -> int:
