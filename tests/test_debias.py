@@ -311,3 +311,15 @@ def test_response_ema_starts_at_init():
     torch.testing.assert_close(ema.qhat, 0.9 * init + 0.1 * torch.tensor([0.0, 0.0, 1.0]))
     with pytest.raises(ValueError, match="init must have shape"):
         ResponseEMA(3, init=torch.ones(4))
+
+
+def test_response_ema_update_labels_equals_one_hot_update():
+    g = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, 5, (2, 4, 3, 3), generator=g)
+    mask = torch.rand(2, 4, 3, 3, generator=g) > 0.4
+    one_hot = torch.nn.functional.one_hot(labels, 5).movedim(-1, 1).float()
+    for m in (None, mask):
+        a, b = ResponseEMA(5, momentum=0.7), ResponseEMA(5, momentum=0.7)
+        a.update(one_hot, m)
+        b.update_labels(labels, m)
+        torch.testing.assert_close(a.qhat, b.qhat)

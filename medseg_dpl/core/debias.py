@@ -181,7 +181,19 @@ class ResponseEMA(nn.Module):
         if mask is not None:
             keep = _flatten_mask(mask, probs).reshape(-1)
             flat = flat[keep]
-        stats = torch.cat([flat.sum(dim=0), flat.new_tensor([flat.shape[0]])])
+        return self._fold(flat.sum(dim=0), flat.shape[0])
+
+    @torch.no_grad()
+    def update_labels(self, labels: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Fold hard labels ``(N, *)`` (long) in: the same as :meth:`update` with their one-hot
+        ``(N, C, *)``, by counting instead of building the one-hot (cheaper on voxels)."""
+        kept = labels.detach()[mask.to(torch.bool)] if mask is not None else labels.detach().reshape(-1)
+        counts = torch.bincount(kept.reshape(-1), minlength=self.num_classes)[: self.num_classes]
+        return self._fold(counts.float(), kept.numel())
+
+    def _fold(self, sums: torch.Tensor, count: int) -> torch.Tensor:
+        """q̂ <- m·q̂ + (1-m)·sums/count, sums and count all-reduced under DDP (a collective)."""
+        stats = torch.cat([sums.float(), sums.new_tensor([float(count)], dtype=torch.float32)])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(stats)
         count = stats[-1]

@@ -16,7 +16,8 @@ import torch
 from medseg_dpl.core.debias import (ResponseEMA, debiased_probs, margin_adjusted_logits,
                                     masked_cross_entropy, pseudo_labels)
 from medseg_dpl.methods.base import CoTraining, class_share
-from medseg_dpl.methods.debiaspl import bias_options, initial_qhat, reference_prior, response_probs
+from medseg_dpl.methods.debiaspl import (bias_options, initial_qhat, reference_prior, response_probs,
+                                         update_response)
 
 
 class CPSDePL(CoTraining):
@@ -53,8 +54,8 @@ class CPSDePL(CoTraining):
             lab_b, mask_b = pseudo_labels(debiased_probs(u_b.detach(), self.response_b.qhat, tau, ref_b,
                                                          **self.opts), thr)
             masked = self.cfg["debias"]["masked"]
-            self.response_a.update(response_probs(u_a, self.cfg), mask_a if masked else None)
-            self.response_b.update(response_probs(u_b, self.cfg), mask_b if masked else None)
+            update_response(self.response_a, u_a, self.cfg, mask_a if masked else None)
+            update_response(self.response_b, u_b, self.cfg, mask_b if masked else None)
         ref_a = reference_prior(self.cfg, self.prior, self.response_a.qhat)
         ref_b = reference_prior(self.cfg, self.prior, self.response_b.qhat)
         cps = (masked_cross_entropy(margin_adjusted_logits(u_b, self.response_a.qhat, tau, ref_a, **self.opts),

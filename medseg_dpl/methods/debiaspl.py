@@ -67,6 +67,15 @@ def bias_options(cfg: dict) -> dict:
     return {}
 
 
+def update_response(ema: ResponseEMA, logits: torch.Tensor, cfg: dict, mask=None) -> torch.Tensor:
+    """Fold the teacher's ``(N, C, *)`` logits into ``ema`` as ``debias.response`` says (hard
+    labels are counted rather than one-hot encoded: same q̂, less work)."""
+    hard = cfg["debias"]["variant"] == "organ_prior" or cfg["debias"]["response"] == "hard"
+    if hard:
+        return ema.update_labels(logits.detach().argmax(dim=1), mask)
+    return ema.update(response_probs(logits, cfg), mask)
+
+
 def response_probs(logits: torch.Tensor, cfg: dict) -> torch.Tensor:
     """What q̂ averages, ``(N, C, *)`` from logits ``(N, C, *)``.
 
@@ -124,10 +133,9 @@ class DebiasPL(FixMatch):
         if self.training:
             thr = self.thresholds()
             mask = pseudo_labels(probs, thr)[1] if d["masked"] or d["class_thresholds"] else None
-            self.response.update(response_probs(logits_w, self.cfg), mask if d["masked"] else None)
+            update_response(self.response, logits_w, self.cfg, mask if d["masked"] else None)
             if d["class_thresholds"]:
-                self.confident.update(F.one_hot(probs.argmax(1), self.num_classes).movedim(-1, 1).float(),
-                                      mask)
+                self.confident.update_labels(probs.argmax(1), mask)
         # after the update: the q̂ and bias the margin loss of this step uses
         return probs, {"qhat": self.qhat.detach().clone(), "bias": self.bias().detach()}
 
