@@ -129,11 +129,14 @@ def run_demo(out: str | Path, quick: bool = False, labeled: float = 0.2,
              seeds: Sequence[int] = (0,), layout: str = "synapse", methods: Sequence[str] = METHODS,
              cases: int | None = None, steps: int | None = None, device: str = "auto",
              progress: bool = True, extra: Sequence[str] = (), data: str | Path | None = None,
-             config: str | Path | None = None, split_lists: dict | None = None) -> dict:
+             config: str | Path | None = None, split_lists: dict | None = None,
+             keep_done: bool = False) -> dict:
     """Run the demo (or one fraction of the benchmark) into ``out``.
 
     ``data``: an existing PREP_DIR instead of the phantom; ``config``: the base config (default
-    ``configs/phantom.yaml``); ``split_lists``: seed -> folder of split lists to import.
+    ``configs/phantom.yaml``); ``split_lists``: seed -> folder of split lists to import;
+    ``keep_done``: a run whose ``eval/summary.json`` exists is kept, not redone (an interrupted
+    benchmark continues; delete a run's folder when its settings changed).
     Each seed draws its own split (``out/splits/seed<S>/``: test, eval and labeled cases) as
     well as its own initialisation. Returns ``{"rows": [...], "table": markdown, "paths": {...},
     "runs": {(row, seed): run dir}, "splits": {seed: folder}}`` (see :func:`collect_results`);
@@ -188,6 +191,9 @@ def run_demo(out: str | Path, quick: bool = False, labeled: float = 0.2,
         for seed in seeds:
             run, sd = out / "runs" / f"{method}_seed{seed}", split_dirs[seed]
             runs[(method, seed)] = run
+            if keep_done and (run / "eval" / "summary.json").is_file():
+                stage(f"    {method} (seed {seed}): done before, kept ({run})")
+                continue
             if method == ATLAS:
                 stage(f"3-4/5 atlas (seed {seed}): best labeled case on eval, scored on test")
                 evaluate_atlas(prep, str(sd / f"labeled_{tag}.txt"), str(sd / "eval.txt"),

@@ -165,6 +165,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: the config's "
                     "demo setting)")
     ap.add_argument("--quick", action="store_true", help="the demo's quick sizes (a smoke test)")
+    ap.add_argument("--keep-done", action="store_true",
+                    help="keep runs that already have eval/summary.json (continue an interrupted run)")
     ap.add_argument("--report-only", action="store_true",
                     help="train nothing: rebuild the report from the finished runs in --out")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
@@ -182,7 +184,7 @@ def main() -> None:
         else:
             res = run_demo(root, quick=args.quick, labeled=frac, seeds=args.seeds, methods=args.methods,
                            cases=args.cases, steps=args.steps, progress=True, extra=args.overrides,
-                           data=args.data, config=args.config)
+                           data=args.data, config=args.config, keep_done=args.keep_done)
         rows = res["rows"]
         report.append(
             f"### {frac:.0%} labeled — test split, Dice (%), mean ± std over seeds {args.seeds} "
