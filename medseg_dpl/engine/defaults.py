@@ -27,7 +27,7 @@ SEG_DEFAULTS = {
         "threshold": 0.9,             # confidence threshold of the pseudo-labels
         "lambda_u": 1.0,              # weight of the unsupervised loss after ramp-up
         "rampup_steps": 0,            # sigmoid ramp-up of lambda_u (0: none)
-        "unsup_loss": "dice_ce",      # ce | dice_ce (masked CE + Dice on confident voxels)
+        "unsup_loss": "ce",           # ce (masked CE, FixMatch) | dice_ce (+ Dice on confident voxels)
         "cutmix": 0.5,                # probability of a CutMix box per strong unlabeled crop
     },
     "debias": {
