@@ -81,7 +81,7 @@ def paired_table(rows, methods) -> str:
             mine = _per_seed_mean(rows, m)
             d = [100 * (mine[s] - base[s]) if s in mine and s in base else float("nan") for s in seeds]
             ok = [x for x in d if np.isfinite(x)]
-            lines.append("| " + " | ".join([m, ref] + [f"{x:+.1f}" for x in d]
+            lines.append("| " + " | ".join([m, ref] + [f"{x:+.1f}" if np.isfinite(x) else "–" for x in d]
                                            + [f"{np.mean(ok):+.1f}" if ok else "–",
                                               f"{sum(x > 0 for x in ok)}/{len(ok)}"]) + " |")
     return "\n".join(lines) + "\n"
