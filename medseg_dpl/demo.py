@@ -8,8 +8,8 @@ organs). ``--quick`` is the small version the test suite runs.
 Each seed draws its own split (test, eval and labeled cases) and initialisation; networks are
 evaluated after the run's connected-component post-processing (chosen on the eval split).
 
-Outputs in ``--out``: ``results.csv`` (method, seed, organ, dice; dice_raw before
-post-processing), ``results.md`` (the printed
+Outputs in ``--out``: ``results.csv`` (method, seed, organ, dice, and dice_raw before
+post-processing, hd95 and hd95_raw in mm), ``results.md`` (the printed
 table), ``dice_per_organ.png``, ``pseudo_label_distribution.png``, and below ``runs/`` each
 run's folder (checkpoints, TensorBoard ``tb/``, ``eval/`` with per-case CSVs and overlays).
 """
@@ -240,18 +240,18 @@ def collect_results(out: str | Path, methods: Sequence[str], seeds: Sequence[int
             organs = list(summary["organs"])
             raw = summary.get("raw", summary)
             for organ in organs:
-                dice = summary["per_organ"][organ]["dice"]["mean"]  # None: absent in every test case
-                dice_raw = raw["per_organ"][organ]["dice"]["mean"]
+                # None: absent in every test case
+                value = {k: (raw if k.endswith("_raw") else summary)["per_organ"][organ][k.split("_")[0]]["mean"]
+                         for k in ("dice", "dice_raw", "hd95", "hd95_raw")}
                 rows.append({"method": method, "seed": seed, "organ": organ,
-                             "dice": float("nan") if dice is None else dice,
-                             "dice_raw": float("nan") if dice_raw is None else dice_raw})
+                             **{k: float("nan") if v is None else v for k, v in value.items()}})
             pl = run / "pseudo_labels.json"
             if method not in ("supervised", ATLAS) and pl.exists():
                 reports.setdefault(method, []).append(json.loads(pl.read_text(encoding="utf-8")))
     methods = [m for m in methods if any(r["method"] == m for r in rows)]
 
     with open(out / "results.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=["method", "seed", "organ", "dice", "dice_raw"])
+        w = csv.DictWriter(f, fieldnames=["method", "seed", "organ", "dice", "dice_raw", "hd95", "hd95_raw"])
         w.writeheader()
         w.writerows(rows)
     table = results_markdown(rows, organs, methods)

@@ -54,13 +54,17 @@ def summary_table(rows, methods) -> str:
     """Mean, raw mean and five-smallest-organ mean per method; mean ± std over seeds."""
     organs = {r["organ"] for r in rows}
     small = [o for o in SMALL_ORGANS if o in organs]
-    head = ["method", "mean Dice", "raw mean", *(["5 smallest organs"] if small else []), "seeds"]
+    head = ["method", "mean Dice", "raw mean", *(["5 smallest organs"] if small else []),
+            "HD95 mm", "raw HD95 mm", "seeds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in methods:
         mean = _per_seed_mean(rows, m)
         cells = [m, _pm(mean.values()), _pm(_per_seed_mean(rows, m, "dice_raw").values())]
         if small:
             cells.append(_pm(_per_seed_mean(rows, m, organs=small).values()))
+        for key in ("hd95", "hd95_raw"):  # mm, mean over organs; not a percentage
+            v = [x for x in _per_seed_mean(rows, m, key).values() if np.isfinite(x)]
+            cells.append(f"{np.mean(v):.1f} ± {np.std(v):.1f}" if v else "–")
         lines.append("| " + " | ".join(cells + [str(len(mean))]) + " |")
     return "\n".join(lines) + "\n"
 

@@ -23,7 +23,7 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
 
     with open(out / "results.csv", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
-    assert set(rows[0]) == {"method", "seed", "organ", "dice", "dice_raw"}
+    assert set(rows[0]) == {"method", "seed", "organ", "dice", "dice_raw", "hd95", "hd95_raw"}
     classes = json.loads((out / "prep" / "dataset.json").read_text(encoding="utf-8"))["classes"]
     assert {r["method"] for r in rows} == set(METHODS)
     assert len(rows) == len(METHODS) * (len(classes) - 1)
