@@ -265,7 +265,6 @@ def test_response_ema_all_reduce_two_process_gloo(tmp_path):
 # ---- voxel-aware additions ---------------------------------------------------------------
 
 def test_organ_only_bias_renormalises_without_background_and_clips():
-    from medseg_dpl.core.debias import classwise_thresholds  # noqa: F401 (import check)
     q = torch.tensor([0.90, 0.07, 0.02, 0.01])
     pi = torch.tensor([0.80, 0.10, 0.06, 0.04])
     b = log_bias(q, pi, ignore_index=0).double().numpy()

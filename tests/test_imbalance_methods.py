@@ -209,7 +209,6 @@ def test_cld_step_keeps_voxels_by_class_rate(mask_by):
     loss, logs = algo.train_step(batch, 0)
     assert logs["keep_rate_a"].tolist() == pytest.approx([0.0, 1.0, 1.0, 1.0])
     x = torch.cat([batch["image"], batch["image_weak"]])
-    y = batch["label"][:, 0].long()
     with torch.no_grad():
         za, zb = algo.student(x).double(), algo.student2(x).double()
     la, lb = za.argmax(1), zb.argmax(1)
