@@ -130,13 +130,16 @@ def run_demo(out: str | Path, quick: bool = False, labeled: float = 0.2,
              cases: int | None = None, steps: int | None = None, device: str = "auto",
              progress: bool = True, extra: Sequence[str] = (), data: str | Path | None = None,
              config: str | Path | None = None, split_lists: dict | None = None,
-             keep_done: bool = False) -> dict:
+             keep_done: bool = False, jobs: int = 1, plan_only: bool = False) -> dict:
     """Run the demo (or one fraction of the benchmark) into ``out``.
 
     ``data``: an existing PREP_DIR instead of the phantom; ``config``: the base config (default
     ``configs/phantom.yaml``); ``split_lists``: seed -> folder of split lists to import;
     ``keep_done``: a run whose ``eval/summary.json`` exists is kept, not redone (an interrupted
-    benchmark continues; delete a run's folder when its settings changed).
+    benchmark continues; delete a run's folder when its settings changed); ``jobs``: trainings
+    run at a time, each in its own process with one thread (see :func:`run_tasks`);
+    ``plan_only``: prepare data and splits and return ``{"tasks", "runs", "splits", "stage"}``
+    without training (the benchmark pools the tasks of several fractions).
     Each seed draws its own split (``out/splits/seed<S>/``: test, eval and labeled cases) as
     well as its own initialisation. Returns ``{"rows": [...], "table": markdown, "paths": {...},
     "runs": {(row, seed): run dir}, "splits": {seed: folder}}`` (see :func:`collect_results`);
@@ -146,9 +149,6 @@ def run_demo(out: str | Path, quick: bool = False, labeled: float = 0.2,
     from medseg_dpl.data import make_splits, preprocess_dataset
     from medseg_dpl.data.phantom import make_phantom
     from medseg_dpl.data.splits import fraction_tag
-    from medseg_dpl.engine.trainer import train
-    from medseg_dpl.evaluation.atlas import evaluate_atlas
-    from medseg_dpl.evaluation.evaluate import evaluate_checkpoint
 
     unknown = [m for m in methods if m not in known_rows()]
     if unknown:
@@ -163,7 +163,7 @@ def run_demo(out: str | Path, quick: bool = False, labeled: float = 0.2,
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     # progress bars only on a terminal; redirected output gets the trainer's periodic lines
-    bars = progress and sys.stderr.isatty()
+    bars = progress and sys.stderr.isatty() and jobs <= 1
 
     def stage(msg):
         print(f"[demo {time.perf_counter() - t0:6.0f}s] {msg}", flush=True)
@@ -187,6 +187,7 @@ def run_demo(out: str | Path, quick: bool = False, labeled: float = 0.2,
               f"{', '.join(sp[f'labeled_{tag}'])}), {len(sp['eval'])} eval, {len(sp['test'])} test")
 
     runs: dict = {}
+    tasks = []
     for method in methods:
         for seed in seeds:
             run, sd = out / "runs" / f"{method}_seed{seed}", split_dirs[seed]
@@ -194,25 +195,81 @@ def run_demo(out: str | Path, quick: bool = False, labeled: float = 0.2,
             if keep_done and (run / "eval" / "summary.json").is_file():
                 stage(f"    {method} (seed {seed}): done before, kept ({run})")
                 continue
-            if method == ATLAS:
-                stage(f"3-4/5 atlas (seed {seed}): best labeled case on eval, scored on test")
-                evaluate_atlas(prep, str(sd / f"labeled_{tag}.txt"), str(sd / "eval.txt"),
-                               str(sd / "test.txt"), run / "eval", method=ATLAS)
-                continue
-            cfg = _config(method, prep, sd, tag, seed, s["steps"], s["val_every"], device, progress,
-                          extra, Path(config) if config else None)
-            stage(f"3/5 train {method} (seed {seed}, {cfg['train']['steps']} steps) -> {run}")
-            train(cfg, run)
-            stage(f"4/5 eval {method} (seed {seed}) on the test split")
-            evaluate_checkpoint(run / "checkpoints" / "best.pt", prep, run / "eval",
-                                split=str(sd / "test.txt"), method=method, progress=bars, num_overlays=1)
-
+            task = {"row": method, "seed": seed, "run": str(run), "prep": str(prep), "splits": str(sd),
+                    "tag": tag, "bars": bars}
+            if method != ATLAS:
+                task["cfg"] = _config(method, prep, sd, tag, seed, s["steps"], s["val_every"], device,
+                                      progress and jobs <= 1, extra, Path(config) if config else None)
+            tasks.append(task)
+    if plan_only:
+        return {"tasks": tasks, "runs": runs, "splits": split_dirs, "stage": stage, "prep": prep}
+    run_tasks(tasks, jobs, stage)
     stage("5/5 tables and figures")
     where = "phantom" if data is None else Path(data).name
     res = collect_results(out, methods, seeds, title=f"{where} test cases, {labeled:.0%} labeled")
     print(res["table"])
     stage(f"done; outputs in {out}")
     return {**res, "splits": split_dirs}
+
+
+# Longest first, so that N workers finish together (two-network methods cost ~1.5x FixMatch).
+_COST = {"dhc": 4, "cld": 4, "cps_depl": 4, "ga": 4, "supervised": 1, ATLAS: 0}
+
+
+def run_task(task: dict) -> str:
+    """One benchmark cell: train ``task["cfg"]`` into ``task["run"]`` and score it on the test
+    split, or the atlas baseline. Returns a line for the log."""
+    from medseg_dpl.evaluation.atlas import evaluate_atlas
+    from medseg_dpl.evaluation.evaluate import evaluate_checkpoint
+
+    t0 = time.perf_counter()
+    run, sd, tag = Path(task["run"]), Path(task["splits"]), task["tag"]
+    if task["row"] == ATLAS:
+        evaluate_atlas(task["prep"], str(sd / f"labeled_{tag}.txt"), str(sd / "eval.txt"),
+                       str(sd / "test.txt"), run / "eval", method=ATLAS)
+    else:
+        from medseg_dpl.engine.trainer import train
+        train(task["cfg"], run)
+        evaluate_checkpoint(run / "checkpoints" / "best.pt", task["prep"], run / "eval",
+                            split=str(sd / "test.txt"), method=task["row"], progress=task["bars"],
+                            num_overlays=1)
+    return f"{task['row']} (seed {task['seed']}) done in {time.perf_counter() - t0:.0f} s -> {run}"
+
+
+def _one_thread() -> None:
+    import torch
+    torch.set_num_threads(1)
+
+
+def run_tasks(tasks: Sequence[dict], jobs: int = 1, stage=print) -> None:
+    """Run benchmark cells one after the other (``jobs`` 1) or ``jobs`` at a time, each in a
+    fresh process with one thread (OMP_NUM_THREADS=1): oversubscribed cores made every step
+    2-3x slower. A failing cell raises after the others have finished."""
+    if jobs <= 1:
+        for t in tasks:
+            stage(f"3-4/5 {t['row']} (seed {t['seed']}) -> {t['run']}")
+            stage("    " + run_task(t))
+        return
+    import multiprocessing as mp
+    import os
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    os.environ["OMP_NUM_THREADS"] = "1"   # inherited by the spawned workers before torch loads
+    order = sorted(tasks, key=lambda t: -_COST.get(t["row"], 2))
+    errors = []
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
+                             initializer=_one_thread) as pool:
+        stage(f"3-4/5 {len(order)} runs, {jobs} at a time (one thread each)")
+        futures = {pool.submit(run_task, t): t for t in order}
+        for f in as_completed(futures):
+            t = futures[f]
+            try:
+                stage("    " + f.result())
+            except Exception as exc:  # noqa: BLE001 - reported below, the other runs go on
+                errors.append(f"{t['row']} (seed {t['seed']}): {type(exc).__name__}: {exc}")
+                stage(f"    FAILED {errors[-1]}")
+    if errors:
+        raise RuntimeError("benchmark runs failed:\n" + "\n".join(errors))
 
 
 def collect_results(out: str | Path, methods: Sequence[str], seeds: Sequence[int],

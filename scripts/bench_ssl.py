@@ -17,11 +17,16 @@ organ, dice on the test split after post-processing, dice_raw before) and prints
     python scripts/bench_ssl.py --out bench_ssl_out                      # 3 seeds, 5 % and 20 %
     python scripts/bench_ssl.py --out X --fractions 0.2 --seeds 0 --methods atlas supervised fixmatch
     python scripts/bench_ssl.py --out X --methods debiaspl -- debias.tau=0.5
+    python scripts/bench_ssl.py --out /tmp/b --jobs 2 --record benchmarks/phantom   # keep the results
+    python scripts/bench_ssl.py --out benchmarks/phantom --report-only              # tables from them
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import shutil
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -29,7 +34,26 @@ from pathlib import Path
 import numpy as np
 
 from medseg_dpl.data.labels import short_name
-from medseg_dpl.demo import ATLAS, METHODS, collect_results, known_rows, run_demo
+from medseg_dpl.demo import ATLAS, METHODS, collect_results, known_rows, run_demo, run_tasks
+
+# What a finished run keeps in the record (small text files; checkpoints stay in --out).
+RECORD_FILES = ("eval/summary.json", "metrics.json", "pseudo_labels.json", "config.yaml")
+
+
+def record_runs(root: Path, record: Path, runs: dict) -> None:
+    """Copy each finished run's results (test and eval, per organ, its merged config) from
+    ``root/runs/`` into ``record/runs/`` (same layout, so ``--report-only --out`` on the record's
+    parent rebuilds every table), and the fraction's split lists into ``record/splits/``."""
+    for run in runs.values():
+        for name in RECORD_FILES:
+            src = Path(run) / name
+            if src.is_file():
+                dst = record / "runs" / Path(run).name / name
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, dst)
+    if (root / "splits").is_dir():
+        shutil.copytree(root / "splits", record / "splits", dirs_exist_ok=True)
+
 
 SMALL_ORGANS = ("gallbladder", "esophagus", "portal_splenic_veins", "right_adrenal_gland",
                 "left_adrenal_gland")
@@ -173,6 +197,12 @@ def main() -> None:
                     help="keep runs that already have eval/summary.json (continue an interrupted run)")
     ap.add_argument("--report-only", action="store_true",
                     help="train nothing: rebuild the report from the finished runs in --out")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="trainings at a time, each in its own process with one thread (2 on 2 cores)")
+    ap.add_argument("--record", default=None, metavar="DIR",
+                    help="copy each finished run's results (test/eval per organ, config) into "
+                         "DIR/<P>p/runs/ and append the command to DIR/commands.txt (e.g. "
+                         "benchmarks/phantom); rebuild tables with --report-only --out DIR")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
     args = ap.parse_args()
     bad = [m for m in args.methods if m not in known_rows()]
@@ -180,15 +210,23 @@ def main() -> None:
         ap.error(f"unknown method(s) {bad}; known: {', '.join(known_rows())}")
 
     t0 = time.perf_counter()
+    roots = {frac: Path(args.out) / f"{round(100 * frac)}p" for frac in args.fractions}
+    if not args.report_only:
+        # prepare every fraction (the phantom once), then train all their runs in one pool
+        tasks, data, stage = [], args.data, print
+        for frac, root in roots.items():
+            plan = run_demo(root, quick=args.quick, labeled=frac, seeds=args.seeds, methods=args.methods,
+                            cases=args.cases, steps=args.steps, progress=True, extra=args.overrides,
+                            data=data, config=args.config, keep_done=args.keep_done, jobs=args.jobs,
+                            plan_only=True)
+            tasks += plan["tasks"]
+            data, stage = plan["prep"], plan["stage"]
+        run_tasks(tasks, args.jobs, stage)
     report = []
-    for frac in args.fractions:
-        root = Path(args.out) / f"{round(100 * frac)}p"
-        if args.report_only:
-            res = collect_results(root, args.methods, args.seeds, title=f"test cases, {frac:.0%} labeled")
-        else:
-            res = run_demo(root, quick=args.quick, labeled=frac, seeds=args.seeds, methods=args.methods,
-                           cases=args.cases, steps=args.steps, progress=True, extra=args.overrides,
-                           data=args.data, config=args.config, keep_done=args.keep_done)
+    for frac, root in roots.items():
+        res = collect_results(root, args.methods, args.seeds, title=f"test cases, {frac:.0%} labeled")
+        if args.record and not args.report_only:
+            record_runs(root, Path(args.record) / root.name, res["runs"])
         rows = res["rows"]
         report.append(
             f"### {frac:.0%} labeled — test split, Dice (%), mean ± std over seeds {args.seeds} "
@@ -202,6 +240,10 @@ def main() -> None:
             f"{distribution_table(res['runs'], args.methods, args.seeds)}")
     text = "\n".join(report) + f"\n_total {time.perf_counter() - t0:.0f} s; overrides: {args.overrides or 'none'}_\n"
     (Path(args.out) / "bench_ssl.md").write_text(text, encoding="utf-8")
+    if args.record and not args.report_only:
+        with open(Path(args.record) / "commands.txt", "a", encoding="utf-8") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M')}  {' '.join(map(shlex.quote, sys.argv))}"
+                    f"  ({time.perf_counter() - t0:.0f} s)\n")
     print("\n" + text)
 
 

@@ -109,7 +109,7 @@ def test_diffdw_absent_class(skip):
 
 # ------------------------------------------------------------------------------ DHC: the step
 def test_dhc_step_weights_each_network_by_its_own_scheme():
-    algo = _algo("dhc", _cfg("method.lambda_u=0.5"))
+    algo = _algo("dhc", _cfg("method.lambda_u=0.5", "dhc.sup_loss=published"))
     batch = _batch(1)
     loss, logs = algo.train_step(batch, 0)
     x = torch.cat([batch["image"], batch["image_weak"]])
@@ -141,6 +141,24 @@ def test_dhc_step_weights_each_network_by_its_own_scheme():
         assert all(p.grad is not None for p in net.parameters())
     assert set(algo.method_state()) == {"prior", "weight_a", "weight_b", "last_dice", "learn",
                                         "unlearn", "undice"}
+
+
+@pytest.mark.parametrize("method", ["dhc", "cld"])
+def test_shared_supervised_loss_carries_the_methods_weights(method):
+    """Default ``sup_loss=shared``: the method's class weights on the shared loss (loss.name)."""
+    from medseg_dpl.methods.losses import supervised_loss
+    algo = _algo(method, _cfg("loss.name=batch_dice_ce"))
+    batch = _batch(3)
+    _, logs = algo.train_step(batch, 0)
+    x, y = batch["image"], batch["label"][:, 0].long()
+    with torch.no_grad():
+        za, zb = algo.student(x), algo.student2(x)
+    wa, wb = ((logs["weight_a"], logs["weight_b"]) if method == "dhc"
+              else (algo.class_weight, algo.class_weight))
+    sup = supervised_loss(za, y, "batch_dice_ce", wa) + supervised_loss(zb, y, "batch_dice_ce", wb)
+    assert logs["loss/sup"].item() == pytest.approx(sup.item(), rel=1e-4)
+    with pytest.raises(ValueError, match=f"{method}.sup_loss"):
+        _algo(method, _cfg(f"{method}.sup_loss=other")).train_step(batch, 0)
 
 
 def test_dhc_threshold_masks_cross_pseudo_labels():
@@ -240,7 +258,9 @@ def test_trains_with_two_networks_and_logs_per_class_curves(tmp_path, method, ve
                    "eval.postprocess=false"), tmp_path / "run")
     ck = torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=True)
     assert "student2" in ck and ck["model"].keys() == ck["student"].keys()
-    assert all(torch.equal(ck["model"][k], ck["student"][k]) for k in ck["model"])   # inference: A
+    # inference: the EMA of A, as for every method
+    assert all(torch.equal(ck["model"][k], ck["teacher"][k]) for k in ck["model"])
+    assert not all(torch.equal(ck["model"][k], ck["student"][k]) for k in ck["model"])
     assert not all(torch.equal(ck["student"][k], ck["student2"][k]) for k in ck["student"])
     log = (tmp_path / "run/train.log").read_text()
     assert f"{vector}=[" in log   # the trainer writes one TensorBoard curve per class for (C,) logs

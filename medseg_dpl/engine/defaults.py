@@ -22,6 +22,11 @@ SEG_DEFAULTS = {
         "num_workers": 0,             # loader worker processes (0: in the main process)
     },
     "model": copy.deepcopy(MODEL_DEFAULTS),
+    "loss": {                         # the supervised loss of every method (labeled crops)
+        "name": "dice_ce",            # dice_ce (MONAI DiceCELoss: per-crop Dice incl. background + CE)
+                                      # | organ_dice_ce (per-crop Dice over organs + CE)
+                                      # | batch_dice_ce (batch Dice over organs + CE, nnU-Net's form)
+    },
     "method": {
         "name": "debiaspl",           # supervised | fixmatch | debiaspl | cps_depl | dhc | cld
         "threshold": 0.9,             # confidence threshold of the pseudo-labels
@@ -50,6 +55,8 @@ SEG_DEFAULTS = {
         "skip_absent": True,          # DiffDW: a class absent from labels and prediction keeps its
                                       #   state (false: the code, Dice 0.5 by its smoothing)
         "threshold": 0.0,             # confidence threshold on cross pseudo-labels (0: none, as published)
+        "sup_loss": "shared",         # shared: DiffDW/DistDW weights on loss.name | published: DHC's
+                                      #   weighted CE + weighted batch Dice (smooth 1) over organs
     },
     "cld": {                          # method.name=cld (CLD, MICCAI 2022, as in xmed-lab/DHC)
         "power": 0.3333333333333333,  # class weights (N_max/N_c)^power from the labeled voxels
@@ -58,6 +65,7 @@ SEG_DEFAULTS = {
         "gamma": 0.5,                 # keep rate ((1-conf_c)/max(1-conf))^gamma
         "mask_by": "pseudo_label",    # keep rate of the pseudo-label's class | prediction (the code)
         "code_bank": False,           # true: the code's bank (random start, absent class = conf 0)
+        "sup_loss": "shared",         # shared: CLD's weights on loss.name | published: DHC-repo form
     },
     "optim": {
         "name": "sgd",                # sgd | adamw

@@ -7,7 +7,7 @@ Iteration-based: step k's batch comes from ``StepBatches[k]`` (randomness a func
 Per step: poly LR -> autocast (bf16, or fp16 with GradScaler, on CUDA; off on CPU, same code)
 -> ``algorithm.train_step`` -> finite-loss check -> backward, clip, step -> EMA teacher update.
 Periodically: validation of the inference network (the EMA teacher for every method that has
-one, supervised included; network A for two-network methods) on whole eval volumes with
+one, supervised included; the EMA of network A for two-network methods) on whole eval volumes with
 sliding windows and per-organ Dice, best-model selection, atomic checkpoints, TensorBoard +
 ``train.log`` (and a progress bar on a terminal, a plain line every ``log_every`` steps when
 the output is redirected). At the end: ``pseudo_labels.json`` and ``metrics.json`` (with the

@@ -15,8 +15,9 @@ import math
 from typing import Optional
 
 import torch
-from monai.losses import DiceCELoss
 from torch import nn
+
+from medseg_dpl.methods.losses import SUP_LOSSES, supervised_loss
 
 
 def sigmoid_rampup(step: int, length: int) -> float:
@@ -35,7 +36,7 @@ def class_share(labels: torch.Tensor, mask: Optional[torch.Tensor], num_classes:
 
 
 class Algorithm(nn.Module):
-    """Base class: supervised Dice + CE loss, unsupervised-weight ramp-up, method state.
+    """Base class: the shared supervised loss, unsupervised-weight ramp-up, method state.
 
     Subclasses set ``uses_unlabeled`` / ``uses_teacher`` and implement :meth:`train_step`.
     ``prior`` is π ``(C,)``: class frequencies of the labeled voxels.
@@ -56,8 +57,10 @@ class Algorithm(nn.Module):
         if prior is None:
             prior = torch.full((num_classes,), 1.0 / num_classes)
         self.register_buffer("prior", prior.float().clone())
-        # MONAI's Dice + CE on softmax outputs (the DHC/nnU-Net supervised loss)
-        self.sup_loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+        # the one supervised loss of every method (``loss.name``), so methods differ by their idea only
+        self.sup_loss_name = cfg["loss"]["name"]
+        if self.sup_loss_name not in SUP_LOSSES:
+            raise ValueError(f"loss.name: expected one of {', '.join(SUP_LOSSES)}, got {self.sup_loss_name!r}")
 
     # --- used by the trainer -------------------------------------------------------------
     def attach_teacher(self, teacher: nn.Module) -> None:
@@ -88,9 +91,11 @@ class Algorithm(nn.Module):
         return torch.softmax(logits.float(), dim=1)
 
     # --- helpers for subclasses ----------------------------------------------------------
-    def supervised_loss(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        """Dice + CE; ``logits`` ``(B, C, *)``, ``label`` ``(B, 1, *)``."""
-        return self.sup_loss_fn(logits.float(), label.float())
+    def supervised_loss(self, logits: torch.Tensor, label: torch.Tensor,
+                        weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The shared Dice + CE (``loss.name``); ``logits`` ``(B, C, *)``, ``label`` ``(B, 1, *)``,
+        optional class weights ``(C,)`` (a method's own re-weighting on top of the shared loss)."""
+        return supervised_loss(logits, label[:, 0].long(), self.sup_loss_name, weight)
 
     def unsup_weight(self, step: int) -> float:
         m = self.cfg["method"]
@@ -105,11 +110,13 @@ class CoTraining(Algorithm):
     """Two networks A (``student``) and B (``student2``) trained together (CPS and its kin).
 
     The trainer builds B with its own seed (``num_networks = 2``) and passes it as ``student2``;
-    the deepcopy is only a fallback. Inference, validation and ``checkpoint["model"]`` use A;
-    B is saved as ``checkpoint["student2"]``.
+    the deepcopy is only a fallback. The evaluation rule is every method's: the EMA of the
+    network it evaluates, here the EMA of A (kept by the trainer, never used in training), for
+    validation, prediction and ``checkpoint["model"]``; B is saved as ``checkpoint["student2"]``.
     """
 
     uses_unlabeled = True
+    uses_teacher = True      # the EMA of A: the same evaluation rule as the single-network methods
     num_networks = 2
 
     def __init__(self, student: nn.Module, cfg: dict, num_classes: int,
@@ -119,3 +126,15 @@ class CoTraining(Algorithm):
 
     def trained_networks(self) -> dict[str, nn.Module]:
         return {"student": self.student, "student2": self.student2}
+
+    def weighted_supervised_loss(self, logits: torch.Tensor, target: torch.Tensor,
+                                 weight: torch.Tensor, form: str) -> torch.Tensor:
+        """A method's class weights ``(C,)`` on the labeled ``(B, C, *)`` logits, ``(B, *)`` labels:
+        ``shared`` on the shared loss (``loss.name``, so only the weights differ from the other
+        methods), ``published`` on DHC's repository form (weighted CE + weighted batch Dice)."""
+        from medseg_dpl.methods.losses import weighted_dice_ce
+        if form == "shared":
+            return supervised_loss(logits, target, self.sup_loss_name, weight)
+        if form == "published":
+            return weighted_dice_ce(logits, target, weight)
+        raise ValueError(f"{self.name}.sup_loss: expected shared or published, got {form!r}")

@@ -16,14 +16,15 @@ is the code: the trained network's own argmax); a class absent from the labeled 
 ``conf_every`` window keeps its confidence (the code averages it as 0); before the first window
 the banks are 0, i.e. everything is kept (the code starts from random confidences).
 ``cld.code_bank: true`` restores both behaviours of the code.
-Inference uses A (the published evaluation averages A's and B's logits).
+Inference uses the EMA of A, the rule of every method (the published evaluation averages A's
+and B's raw logits).
 """
 from __future__ import annotations
 
 import torch
 
 from medseg_dpl.methods.base import CoTraining, class_share
-from medseg_dpl.methods.losses import EPS, sum_over_ranks, weighted_ce, weighted_dice_ce
+from medseg_dpl.methods.losses import EPS, sum_over_ranks, weighted_ce
 
 
 def cld_weights(counts: torch.Tensor, power: float) -> torch.Tensor:
@@ -86,7 +87,8 @@ class CLD(CoTraining):
         out_a, out_b = self.student(x), self.student2(x)
         self.record_confidence([out_a[:n].detach(), out_b[:n].detach()], y_l)
         w = self.class_weight
-        sup = weighted_dice_ce(out_a[:n], y_l, w) + weighted_dice_ce(out_b[:n], y_l, w)
+        sup = (self.weighted_supervised_loss(out_a[:n], y_l, w, c["sup_loss"])
+               + self.weighted_supervised_loss(out_b[:n], y_l, w, c["sup_loss"]))
         with torch.no_grad():
             lab_a, lab_b = out_a.argmax(1), out_b.argmax(1)
             rate_a, rate_b = keep_rates(self.conf[0], c["gamma"]), keep_rates(self.conf[1], c["gamma"])

@@ -7,7 +7,7 @@ pseudo-labels softmax(z_A − τ·log(q̂_A/π)) supervise B's margin-adjusted l
 z_B + τ·log(q̂_A/π) and vice versa; plus Dice + CE on the labeled crops for both.
 Note: DHC's ``train_depl.py`` computes the margin-adjusted logits but then applies the CPS loss
 to the raw outputs of the whole batch; here the margins are applied, on unlabeled voxels only
-(the method as described). Inference uses network A (``checkpoint["model"]``).
+(the method as described). Inference uses the EMA of network A (``checkpoint["model"]``).
 """
 from __future__ import annotations
 

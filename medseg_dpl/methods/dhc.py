@@ -18,7 +18,8 @@ Differences from ``code/train_dhc.py`` of xmed-lab/DHC (see the README):
 no Dice, so its DiffDW state is left as it is (the code's 1e-8 smoothing scores it 0.5, a
 spurious jump); ``dhc.threshold`` > 0 keeps only confident cross pseudo-labels (the code, like
 CPS, keeps all); the CPS term covers labeled and unlabeled crops, as in the code and in CPS.
-Inference uses A (the published evaluation averages A's and B's logits).
+Inference uses the EMA of A, the rule of every method (the published evaluation averages A's
+and B's raw logits).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import torch
 
 from medseg_dpl.methods.base import CoTraining, class_share
 from medseg_dpl.methods.losses import (EPS, dice_from_stats, dice_stats, one_hot, sum_over_ranks,
-                                       weighted_ce, weighted_dice_ce)
+                                       weighted_ce)
 
 
 def distdw_weights(counts: torch.Tensor) -> torch.Tensor:
@@ -89,7 +90,9 @@ class DHC(CoTraining):
         out_a, out_b = self.student(x), self.student2(x)
         w_a = self.update_diffdw(out_a[:n].detach(), y_l)
         w_b = self.update_distdw(out_b[n:].detach())
-        sup = weighted_dice_ce(out_a[:n], y_l, w_a) + weighted_dice_ce(out_b[:n], y_l, w_b)
+        form = self.cfg["dhc"]["sup_loss"]
+        sup = (self.weighted_supervised_loss(out_a[:n], y_l, w_a, form)
+               + self.weighted_supervised_loss(out_b[:n], y_l, w_b, form))
         with torch.no_grad():
             conf_a, lab_a = torch.softmax(out_a.float(), 1).max(1)
             conf_b, lab_b = torch.softmax(out_b.float(), 1).max(1)

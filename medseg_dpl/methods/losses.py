@@ -67,3 +67,35 @@ def weighted_dice_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch
 def weighted_dice_ce(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """DHC's supervised ``w_ce+dice``: weighted CE (weighted mean) + weighted organ Dice."""
     return weighted_ce(logits, target, weight) + weighted_dice_loss(logits, target, weight)
+
+
+# ----------------------------------------------------------------------------- shared supervised loss
+# The one supervised loss every method trains its labeled crops with (``loss.name``); a method's
+# own idea (DHC's and CLD's class weights) enters only as ``weight``. Each entry: Dice form
+# (include_background, batch) of MONAI's DiceLoss + cross-entropy.
+SUP_LOSSES = {
+    "dice_ce": {"include_background": True, "batch": False},         # MONAI DiceCELoss defaults
+    "organ_dice_ce": {"include_background": False, "batch": False},  # per-crop Dice over organs + CE
+    "batch_dice_ce": {"include_background": False, "batch": True},   # nnU-Net: batch Dice over organs + CE
+}
+
+
+def supervised_loss(logits: torch.Tensor, target: torch.Tensor, name: str = "dice_ce",
+                    weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Soft Dice (MONAI's ``DiceLoss``, form ``SUP_LOSSES[name]``) + CE, optionally class-weighted.
+
+    ``logits`` ``(B, C, *)``, ``target`` ``(B, *)`` class indices, ``weight`` ``(C,)`` or None.
+    With ``weight``, CE is PyTorch's weighted mean (Σ w_y·CE / Σ w_y) and the Dice term the mean
+    of w_c·(1 − Dice_c) over the classes the form includes. ``name`` ``dice_ce`` without weight is
+    exactly MONAI's ``DiceCELoss(to_onehot_y=True, softmax=True)``.
+    """
+    from monai.losses import DiceLoss
+
+    if name not in SUP_LOSSES:
+        raise ValueError(f"loss.name: expected one of {', '.join(SUP_LOSSES)}, got {name!r}")
+    form = SUP_LOSSES[name]
+    logits = logits.float()
+    w = None if weight is None else weight.to(logits.device, logits.dtype)
+    dice_w = None if w is None else (w if form["include_background"] else w[1:])
+    dice = DiceLoss(to_onehot_y=True, softmax=True, weight=dice_w, **form)
+    return dice(logits, target[:, None].float()) + F.cross_entropy(logits, target.long(), weight=w)
