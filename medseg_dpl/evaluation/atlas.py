@@ -243,7 +243,7 @@ def evaluate_atlas(prep_dir: str | os.PathLike, labeled_ids: Sequence[str] | str
                          out / "predictions" / f"{cid}.nii.gz")
         if n < num_overlays:
             plot_overlay(out / "overlays" / f"{cid}.png", truth, pred, num_classes=len(prep.classes),
-                         title=f"atlas {chosen} -> case {cid}")
+                         title=f"atlas {chosen} -> case {cid}", class_names=prep.classes)
     extra = {"data": str(prep.dir), "split": "test", "atlas_case": chosen,
              "atlas_selection": {"eval_ids": evals, "mean_dice": scores},
              "alignment": "body bounding-box centre (whole-voxel shift on the preprocessed grid)",

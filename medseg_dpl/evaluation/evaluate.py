@@ -159,8 +159,11 @@ def plot_dice_bars(summary: dict, path: str | os.PathLike, title: str | None = N
 def plot_overlay(path: str | os.PathLike, truth: np.ndarray, pred: np.ndarray,
                  image: np.ndarray | None = None, num_slices: int = 3, num_classes: int | None = None,
                  title: str = "", window: tuple[float, float] = (-175.0, 250.0),
-                 affine: np.ndarray | None = None) -> Path:
+                 affine: np.ndarray | None = None, class_names: Sequence[str] | None = None) -> Path:
     """Axial slices with ground truth (left) and prediction (right), ``(X, Y, Z)`` arrays.
+
+    ``class_names`` (index = label, background first): a colour legend naming the classes
+    that appear in the drawn slices.
 
     With ``affine`` the arrays are first reoriented to RAS (axis flips/permutations only) and
     drawn in the radiological convention (patient's right on the left, anterior up); without
@@ -200,9 +203,21 @@ def plot_overlay(path: str | os.PathLike, truth: np.ndarray, pred: np.ndarray,
                       origin="lower", interpolation="nearest")
             ax.set_title(f"{name}, z={z}", fontsize=9)
             ax.axis("off")
+    legend_rows = 0
+    if class_names is not None:
+        from matplotlib.colors import Normalize
+        from matplotlib.patches import Patch
+        norm = Normalize(vmin=0, vmax=max(ncls - 1, 1))   # the mapping imshow used above
+        shown = sorted({int(v) for a in (truth, pred) for z in picks for v in np.unique(a[:, :, z])} - {0})
+        handles = [Patch(color=cmap(norm(i)), label=str(class_names[i]) if i < len(class_names) else str(i))
+                   for i in shown]
+        if handles:
+            legend_rows = (len(handles) + 3) // 4
+            fig.legend(handles=handles, loc="lower center", ncol=min(4, len(handles)), fontsize=7,
+                       frameon=False)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.035 * legend_rows / len(picks) * 3, 1, 1))
     return save_figure(fig, path, dpi=100)
 
 
@@ -371,7 +386,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data_dir: str | os.PathLi
             # MR: the case's own body percentiles, not a HU window
             window = tuple(c["normalization"]["clip"]) if c.get("normalization") else (-175.0, 250.0)
             plot_overlay(out / "overlays" / f"{cid}.png", truth, pred, image,
-                         num_classes=len(classes), title=f"case {cid}", affine=taff, window=window)
+                         num_classes=len(classes), title=f"case {cid}", affine=taff, window=window,
+                         class_names=classes)
     if method is None:
         method = str(lm.config.get("method", {}).get("name") if isinstance(lm.config.get("method"), dict)
                      else lm.config.get("method") or Path(checkpoint).resolve().parent.parent.name)
@@ -487,6 +503,6 @@ def evaluate_predictions(pred_dir: str | os.PathLike, label_dir: str | os.PathLi
                 if cands:
                     image = read_image(cands[0], dtype=np.float32)[0]
             plot_overlay(Path(out_dir) / "overlays" / f"{key}.png", truth, pred, image,
-                         num_classes=len(names), title=f"case {key}", affine=taff)
+                         num_classes=len(names), title=f"case {key}", affine=taff, class_names=names)
     return write_report(rows, organs, out_dir, protocol, method,
                         {"pred_dir": str(pred_dir), "label_dir": str(label_dir)})

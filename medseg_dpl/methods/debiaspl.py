@@ -35,6 +35,28 @@ from medseg_dpl.core.debias import (ResponseEMA, classwise_thresholds, debiased_
 from medseg_dpl.methods.fixmatch import FixMatch
 
 VARIANTS = ("paper", "organ_prior")
+# debias.* keys a setting makes inert: (key, the setting that ignores it, why)
+IGNORED_BY = (
+    ("response", ("variant", "organ_prior"), "organ_prior always counts the raw argmax"),
+    ("reference", ("variant", "organ_prior"), "organ_prior always compares with π over organs"),
+    ("include_background", ("variant", "organ_prior"), "organ_prior's background bias is always 0"),
+    ("b_max", ("variant", "paper"), "the paper's bias is not clipped"),
+    ("threshold_floor", ("class_thresholds", False), "it floors the per-class thresholds only"),
+)
+
+
+def check_ignored_keys(cfg: dict) -> None:
+    """A ``debias.*`` key set away from its default where the chosen setting ignores it is an
+    error naming the key (silence would let a config believe it ran something it did not)."""
+    from medseg_dpl.config import ConfigError
+    from medseg_dpl.engine.defaults import SEG_DEFAULTS
+
+    d, default = cfg["debias"], SEG_DEFAULTS["debias"]
+    for key, (setting, value), why in IGNORED_BY:
+        if d[setting] == value and d[key] != default[key]:
+            raise ConfigError(f"debias.{key}={d[key]!r} has no effect with debias.{setting}="
+                              f"{str(value).lower() if isinstance(value, bool) else value} ({why}); "
+                              f"remove it or change debias.{setting}")
 
 
 def reference_prior(cfg: dict, prior: torch.Tensor, qhat: torch.Tensor) -> torch.Tensor:
@@ -104,6 +126,7 @@ class DebiasPL(FixMatch):
         super().__init__(student, cfg, num_classes, prior)
         d = cfg["debias"]
         bias_options(cfg)                                 # validate the variant early
+        check_ignored_keys(cfg)
         response_probs(torch.zeros(1, num_classes), cfg)  # and debias.response
         self.response = ResponseEMA(num_classes, momentum=d["momentum"],
                                     init=initial_qhat(cfg, self.prior))

@@ -1,0 +1,111 @@
+"""The shared recipe: one supervised loss (float64 against its formulas), one evaluation rule,
+inert config keys refused, the benchmark's parallel runner."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from medseg_dpl.config import ConfigError, load_config
+from medseg_dpl.engine.defaults import SEG_DEFAULTS
+from medseg_dpl.methods import METHODS, get_method
+from medseg_dpl.methods.losses import SUP_LOSSES, supervised_loss
+from medseg_dpl.models import build_model
+
+C = 4
+
+
+def _dice_by_hand(p, oh, dims, organs_only, w=None, smooth=1e-5):
+    tp, sp, sy = (p * oh).sum(dims), p.sum(dims), oh.sum(dims)
+    loss = 1 - (2 * tp + smooth) / (sp + sy + smooth)      # (C,) or (N, C)
+    if w is not None:
+        loss = loss * w
+    return (loss[..., 1:] if organs_only else loss).mean()
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("name", list(SUP_LOSSES))
+def test_supervised_loss_float64_against_its_formula(name, weighted):
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2, C, 5, 4, 3, generator=g, dtype=torch.float64)
+    y = torch.randint(0, C, (2, 5, 4, 3), generator=g)
+    y[1][y[1] == 3] = 0                      # class 3 absent from the second crop
+    w = torch.tensor([0.1, 1.0, 2.0, 4.0], dtype=torch.float64) if weighted else None
+    p, oh = torch.softmax(z, 1), F.one_hot(y, C).movedim(-1, 1).double()
+    ce = -torch.log_softmax(z, 1).gather(1, y[:, None])[:, 0]
+    ce = (w[y] * ce).sum() / w[y].sum() if weighted else ce.mean()
+    form = SUP_LOSSES[name]
+    dims = (0, 2, 3, 4) if form["batch"] else (2, 3, 4)
+    dice = _dice_by_hand(p, oh, dims, not form["include_background"], w)
+    got = supervised_loss(z, y, name, w)
+    # the loss runs in float32 (as in training): agreement to float32 precision
+    assert got.item() == pytest.approx((dice + ce).item(), rel=1e-5)
+
+
+def test_dice_ce_is_monai_dicece_and_unknown_names_fail():
+    from monai.losses import DiceCELoss
+    z, y = torch.randn(2, C, 6, 6, 4), torch.randint(0, C, (2, 6, 6, 4))
+    assert supervised_loss(z, y, "dice_ce").item() == DiceCELoss(to_onehot_y=True, softmax=True)(
+        z, y[:, None].float()).item()
+    with pytest.raises(ValueError, match="loss.name"):
+        supervised_loss(z, y, "focal")
+
+
+def _cfg(*ov):
+    return load_config(None, ["model.channels=[4,8]", "model.strides=[2]", *ov], SEG_DEFAULTS)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_trains_its_labeled_crops_with_the_shared_loss(method):
+    """With the method's own idea switched off (no unlabeled weight, unit class weights where
+    the method has them, none for DHC), the supervised term is ``loss.name`` itself."""
+    cfg = _cfg("loss.name=batch_dice_ce", "method.lambda_u=0.0", "method.cutmix=0.0")
+    torch.manual_seed(0)
+    nets = [build_model(cfg["model"], 1, C) for _ in range(2)]
+    cls = get_method(method)
+    algo = (cls(nets[0], cfg, C, student2=nets[1]) if cls.num_networks == 2 else cls(nets[0], cfg, C)).train()
+    if algo.uses_teacher:
+        from medseg_dpl.core.ema import ModelEMA
+        algo.attach_teacher(ModelEMA(algo.student, momentum=0.9))
+    g = torch.Generator().manual_seed(1)
+    batch = {k: torch.rand(2, 1, 8, 8, 8, generator=g) for k in ("image", "image_weak", "image_strong")}
+    batch["label"] = torch.randint(0, C, (2, 1, 8, 8, 8), generator=g).float()
+    _, logs = algo.train_step(batch, 0)
+    if cls.num_networks == 2:
+        return  # their weights differ from 1 by design; tests/test_imbalance_methods.py checks them
+    with torch.no_grad():
+        z = algo.student(batch["image"])
+    want = supervised_loss(z, batch["label"][:, 0].long(), "batch_dice_ce")
+    assert logs["loss/sup"].item() == pytest.approx(want.item(), rel=1e-4)
+
+
+def test_two_network_methods_are_evaluated_by_the_ema_of_a():
+    for name in ("dhc", "cld", "cps_depl"):
+        assert get_method(name).uses_teacher, name     # the trainer keeps an EMA of A
+
+
+@pytest.mark.parametrize("ov,key", [
+    (["debias.variant=organ_prior", "debias.reference=uniform"], "debias.reference"),
+    (["debias.variant=organ_prior", "debias.include_background=false"], "debias.include_background"),
+    (["debias.variant=organ_prior", "debias.response=hard"], "debias.response"),
+    (["debias.variant=paper", "debias.b_max=3.0"], "debias.b_max"),
+    (["debias.threshold_floor=0.3"], "debias.threshold_floor"),
+])
+@pytest.mark.parametrize("method", ["debiaspl", "cps_depl"])
+def test_a_key_the_chosen_variant_ignores_is_an_error_naming_it(method, ov, key):
+    cls = get_method(method)
+    cfg = _cfg(*ov)
+    nets = [build_model(cfg["model"], 1, C) for _ in range(cls.num_networks)]
+    extra = {"student2": nets[1]} if len(nets) == 2 else {}
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        cls(nets[0], cfg, C, **extra)
+    cls(nets[0], _cfg(), C, **extra)   # the defaults themselves are fine
+
+
+def test_shipped_configs_have_no_inert_keys():
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for name in ("phantom.yaml", "chaos_mr.yaml"):
+        for method in ("debiaspl", "cps_depl"):
+            cfg = load_config(root / name, [f"method.name={method}", "model.channels=[4,8]",
+                                            "model.strides=[2]"], SEG_DEFAULTS)
+            from medseg_dpl.methods.debiaspl import check_ignored_keys
+            check_ignored_keys(cfg)
