@@ -109,7 +109,7 @@ def test_diffdw_absent_class(skip):
 
 # ------------------------------------------------------------------------------ DHC: the step
 def test_dhc_step_weights_each_network_by_its_own_scheme():
-    algo = _algo("dhc", _cfg("method.lambda_u=0.5", "dhc.sup_loss=published"))
+    algo = _algo("dhc", _cfg("dhc.lambda_u=0.5", "dhc.rampup=0.0", "dhc.sup_loss=published"))
     batch = _batch(1)
     loss, logs = algo.train_step(batch, 0)
     x = torch.cat([batch["image"], batch["image_weak"]])

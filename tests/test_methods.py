@@ -47,7 +47,7 @@ PRIOR = torch.tensor([0.7, 0.2, 0.08, 0.02])
 
 
 def test_registry_and_unknown_method():
-    assert set(METHODS) == {"supervised", "fixmatch", "debiaspl", "cps_depl", "dhc", "cld"}
+    assert set(METHODS) == {"supervised", "fixmatch", "debiaspl", "cps_depl", "dhc", "cld", "ga"}
     with pytest.raises(ValueError, match="unknown method 'mixmatch'"):
         get_method("mixmatch")
 
@@ -128,7 +128,7 @@ def test_debiaspl_masked_qhat_uses_confident_voxels_only():
 
 
 def test_fixmatch_rampup_and_teacher_mode():
-    cfg = _cfg("method.rampup_steps=10", "method.lambda_u=2.0")
+    cfg = _cfg("method.rampup=0.25", "train.steps=40", "method.lambda_u=2.0")   # 10 ramp steps
     algo = _algo("fixmatch", cfg)
     batch = _batch(3)
     _, logs0 = algo.train_step(batch, 0)

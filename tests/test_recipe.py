@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from medseg_dpl.config import ConfigError, load_config
 from medseg_dpl.engine.defaults import SEG_DEFAULTS
 from medseg_dpl.methods import METHODS, get_method
-from medseg_dpl.methods.losses import SUP_LOSSES, supervised_loss
+from medseg_dpl.methods.losses import DICE_CE_LOSSES, SUP_LOSSES, supervised_loss
 from medseg_dpl.models import build_model
 
 C = 4
@@ -22,7 +22,7 @@ def _dice_by_hand(p, oh, dims, organs_only, w=None, smooth=1e-5):
 
 
 @pytest.mark.parametrize("weighted", [False, True])
-@pytest.mark.parametrize("name", list(SUP_LOSSES))
+@pytest.mark.parametrize("name", DICE_CE_LOSSES)   # ga: tests/test_ga.py
 def test_supervised_loss_float64_against_its_formula(name, weighted):
     g = torch.Generator().manual_seed(0)
     z = torch.randn(2, C, 5, 4, 3, generator=g, dtype=torch.float64)
@@ -58,13 +58,8 @@ def test_every_method_trains_its_labeled_crops_with_the_shared_loss(method):
     """With the method's own idea switched off (no unlabeled weight, unit class weights where
     the method has them, none for DHC), the supervised term is ``loss.name`` itself."""
     cfg = _cfg("loss.name=batch_dice_ce", "method.lambda_u=0.0", "method.cutmix=0.0")
-    torch.manual_seed(0)
-    nets = [build_model(cfg["model"], 1, C) for _ in range(2)]
-    cls = get_method(method)
-    algo = (cls(nets[0], cfg, C, student2=nets[1]) if cls.num_networks == 2 else cls(nets[0], cfg, C)).train()
-    if algo.uses_teacher:
-        from medseg_dpl.core.ema import ModelEMA
-        algo.attach_teacher(ModelEMA(algo.student, momentum=0.9))
+    from train_helpers import build_algo
+    cls, algo = get_method(method), build_algo(method, cfg, C)
     g = torch.Generator().manual_seed(1)
     batch = {k: torch.rand(2, 1, 8, 8, 8, generator=g) for k in ("image", "image_weak", "image_strong")}
     batch["label"] = torch.randint(0, C, (2, 1, 8, 8, 8), generator=g).float()

@@ -68,3 +68,21 @@ def tiny_cfg(prep: Path, method: str, *overrides: str) -> dict:
           "train.checkpoint_every=3", "train.log_every=1", "train.progress=false",
           "debias.momentum=0.9", "eval.max_cases=1", *overrides]
     return load_config(None, ov, SEG_DEFAULTS)
+
+
+def build_algo(name: str, cfg: dict, num_classes: int):
+    """A method on freshly seeded networks (B too for co-training), in train mode, with an EMA
+    teacher where the method keeps one: for tests of a single ``train_step``."""
+    import torch
+
+    from medseg_dpl.core.ema import ModelEMA
+    from medseg_dpl.methods import get_method
+    from medseg_dpl.models import build_model
+    torch.manual_seed(0)
+    nets = [build_model(cfg["model"], 1, num_classes) for _ in range(2)]
+    cls = get_method(name)
+    extra = {"student2": nets[1]} if cls.num_networks == 2 else {}
+    algo = cls(nets[0], cfg, num_classes, **extra).train()
+    if algo.uses_teacher:
+        algo.attach_teacher(ModelEMA(algo.student, momentum=0.9))
+    return algo

@@ -26,12 +26,13 @@ SEG_DEFAULTS = {
         "name": "dice_ce",            # dice_ce (MONAI DiceCELoss: per-crop Dice incl. background + CE)
                                       # | organ_dice_ce (per-crop Dice over organs + CE)
                                       # | batch_dice_ce (batch Dice over organs + CE, nnU-Net's form)
+                                      # | ga (GACE top-10 % + GADice, Qi et al.; k, gamma as published)
     },
     "method": {
-        "name": "debiaspl",           # supervised | fixmatch | debiaspl | cps_depl | dhc | cld
+        "name": "debiaspl",           # supervised | fixmatch | debiaspl | cps_depl | dhc | cld | ga
         "threshold": 0.9,             # confidence threshold of the pseudo-labels
         "lambda_u": 1.0,              # weight of the unsupervised loss after ramp-up
-        "rampup_steps": 0,            # sigmoid ramp-up of lambda_u (0: none)
+        "rampup": 0.0,                # sigmoid ramp-up of lambda_u over this fraction of train.steps
         "unsup_loss": "ce",           # ce (masked CE, FixMatch) | dice_ce (+ Dice on confident voxels)
         "cutmix": 0.5,                # probability of a CutMix box per strong unlabeled crop
     },
@@ -55,6 +56,8 @@ SEG_DEFAULTS = {
         "skip_absent": True,          # DiffDW: a class absent from labels and prediction keeps its
                                       #   state (false: the code, Dice 0.5 by its smoothing)
         "threshold": 0.0,             # confidence threshold on cross pseudo-labels (0: none, as published)
+        "lambda_u": 0.1,              # CPS weight, as published (README: -w 0.1; method.lambda_u=1 collapsed)
+        "rampup": 1.0,                # its sigmoid ramp-up over this fraction of the run (the code: whole run)
         "sup_loss": "shared",         # shared: DiffDW/DistDW weights on loss.name | published: DHC's
                                       #   weighted CE + weighted batch Dice (smooth 1) over organs
     },
@@ -63,9 +66,24 @@ SEG_DEFAULTS = {
         "conf_momentum": 0.999,       # confidence bank EMA
         "conf_every": 8,              # steps averaged per confidence-bank update
         "gamma": 0.5,                 # keep rate ((1-conf_c)/max(1-conf))^gamma
-        "mask_by": "pseudo_label",    # keep rate of the pseudo-label's class | prediction (the code)
+        "mask_by": "prediction",      # keep rate of the trained network's own argmax's class (the code)
+                                      #   | pseudo_label (the partner's: adopts rare labels ~70x easier)
+        "lambda_u": 0.1,              # CPS weight, as published in xmed-lab/DHC's train_cld.py
+        "rampup": 1.0,                # its sigmoid ramp-up over this fraction of the run
         "code_bank": False,           # true: the code's bank (random start, absent class = conf 0)
         "sup_loss": "shared",         # shared: CLD's weights on loss.name | published: DHC-repo form
+    },
+    "ga": {                           # method.name=ga (GA loss in CPS, Qi et al. ECCV 2024, cicailalala/GALoss)
+        "k": 10.0,                    # GACE on labeled crops: CE of the k % hardest voxels
+        "gamma": 0.5,                 # GACE: class c's sum divided by n_c^(1-gamma)·(kN)^gamma
+        "cps_k": 100.0,               # GACE k on the cross pseudo-labels (100: every voxel, as published)
+        "cps_dice": False,            # + GADice on the cross pseudo-labels (published: GACE only)
+        "threshold": 0.0,             # confidence threshold on cross pseudo-labels (0: none, as published)
+        "lambda_u": 0.1,              # CPS weight, as published (train_AMOS_CPS.py: 0.1)
+        "rampup": 1.0,                # its sigmoid ramp-up over this fraction of the run (the code: whole run)
+        "ties": "index",              # top-k ties: index (first voxels, same on every device)
+                                      #   | topk (torch.topk's choice, as published)
+        "sup_loss": "ga",             # ga: GACE(k) + GADice on labeled crops (published) | shared: loss.name
     },
     "optim": {
         "name": "sgd",                # sgd | adamw

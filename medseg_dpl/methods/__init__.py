@@ -7,10 +7,11 @@ from medseg_dpl.methods.cps_depl import CPSDePL
 from medseg_dpl.methods.debiaspl import DebiasPL
 from medseg_dpl.methods.dhc import DHC
 from medseg_dpl.methods.fixmatch import FixMatch
+from medseg_dpl.methods.ga import GA
 from medseg_dpl.methods.supervised import Supervised
 
 METHODS: dict[str, type[Algorithm]] = {
-    cls.name: cls for cls in (Supervised, FixMatch, DebiasPL, CPSDePL, DHC, CLD)
+    cls.name: cls for cls in (Supervised, FixMatch, DebiasPL, CPSDePL, DHC, CLD, GA)
 }
 
 

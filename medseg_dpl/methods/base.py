@@ -98,8 +98,12 @@ class Algorithm(nn.Module):
         return supervised_loss(logits, label[:, 0].long(), self.sup_loss_name, weight)
 
     def unsup_weight(self, step: int) -> float:
-        m = self.cfg["method"]
-        return m["lambda_u"] * sigmoid_rampup(step, m["rampup_steps"])
+        """λ_u · sigmoid ramp-up over ``rampup`` × train.steps (so it scales with the schedule);
+        a method whose section has its own ``lambda_u`` / ``rampup`` (its published values,
+        e.g. DHC's 0.1 over the whole run) uses those."""
+        m, own = self.cfg["method"], self.cfg.get(self.name) or {}
+        lam, ramp = own.get("lambda_u", m["lambda_u"]), own.get("rampup", m["rampup"])
+        return lam * sigmoid_rampup(step, round(ramp * self.cfg["train"]["steps"]))
 
     def train_step(self, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
         """One step's loss (a scalar tensor to back-propagate) and logs (floats or ``(C,)``)."""

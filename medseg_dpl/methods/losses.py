@@ -77,7 +77,10 @@ SUP_LOSSES = {
     "dice_ce": {"include_background": True, "batch": False},         # MONAI DiceCELoss defaults
     "organ_dice_ce": {"include_background": False, "batch": False},  # per-crop Dice over organs + CE
     "batch_dice_ce": {"include_background": False, "batch": True},   # nnU-Net: batch Dice over organs + CE
+    # not a Dice form: GACE (top-k %) + GADice (:func:`ga_loss`) at the published k and γ
+    "ga": {"k": 10.0, "gamma": 0.5},
 }
+DICE_CE_LOSSES = tuple(n for n in SUP_LOSSES if n != "ga")   # the MONAI Dice + CE forms
 
 
 def supervised_loss(logits: torch.Tensor, target: torch.Tensor, name: str = "dice_ce",
@@ -87,15 +90,146 @@ def supervised_loss(logits: torch.Tensor, target: torch.Tensor, name: str = "dic
     ``logits`` ``(B, C, *)``, ``target`` ``(B, *)`` class indices, ``weight`` ``(C,)`` or None.
     With ``weight``, CE is PyTorch's weighted mean (Σ w_y·CE / Σ w_y) and the Dice term the mean
     of w_c·(1 − Dice_c) over the classes the form includes. ``name`` ``dice_ce`` without weight is
-    exactly MONAI's ``DiceCELoss(to_onehot_y=True, softmax=True)``.
+    exactly MONAI's ``DiceCELoss(to_onehot_y=True, softmax=True)``. ``name`` ``ga`` is
+    :func:`ga_loss` with k = 10, γ = 0.5 (the published values; ``ga.*`` configures method ga).
     """
     from monai.losses import DiceLoss
 
     if name not in SUP_LOSSES:
         raise ValueError(f"loss.name: expected one of {', '.join(SUP_LOSSES)}, got {name!r}")
     form = SUP_LOSSES[name]
+    if name == "ga":   # class weights as in ga_loss: per-voxel CE weight, per-class Dice factor
+        return ga_loss(logits, target, weight=weight, **form)
     logits = logits.float()
     w = None if weight is None else weight.to(logits.device, logits.dtype)
     dice_w = None if w is None else (w if form["include_background"] else w[1:])
     dice = DiceLoss(to_onehot_y=True, softmax=True, weight=dice_w, **form)
     return dice(logits, target[:, None].float()) + F.cross_entropy(logits, target.long(), weight=w)
+
+
+# ----------------------------------------------------------------------------- GA loss
+# Qi et al., ECCV 2024 (cicailalala/GALoss): GADice + GACE. Both flatten ``(N, C, *)`` to
+# voxels ``(M, C)``: the batch is one pool, as in the published code (its Dice sums over the
+# batch, its top-k ranks the batch's voxels together).
+GA_SMOOTH = 1e-10   # the published Dice smoothing
+GA_TIES = ("index", "topk")
+
+
+def _ga_voxels(logits: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor]):
+    """``(N, C, *)`` logits, ``(N, *)`` target and mask -> kept voxels: ``(M, C)`` float logits
+    (float64 stays float64, else float32), ``(M,)`` long labels."""
+    C = logits.shape[1]
+    if target.shape != logits.shape[:1] + logits.shape[2:]:
+        raise ValueError(f"GA loss: target {tuple(target.shape)} does not fit logits {tuple(logits.shape)}")
+    z = logits.movedim(1, -1).reshape(-1, C)
+    z = z if z.dtype == torch.float64 else z.float()
+    t = target.reshape(-1).long()
+    if mask is not None:
+        if mask.shape != target.shape:
+            raise ValueError(f"GA loss: mask {tuple(mask.shape)} does not fit target {tuple(target.shape)}")
+        keep = mask.reshape(-1) > 0
+        z, t = z[keep], t[keep]
+    return z, t
+
+
+def _class_weight(weight: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    C = like.shape[1]
+    return torch.ones(C, dtype=like.dtype, device=like.device) if weight is None else weight.to(like)
+
+
+def ga_dice_terms(logits: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                  weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """GADice per class, ``(C,)`` (``ga_dice_loss`` is their mean), over the kept voxels v.
+
+    With p = softmax(logits), y the one-hot target, s = 1e-10:
+
+    * class c present (Σ_v y_vc > 0): 1 − (2 Σ p_vc y_vc + s) / (Σ p_vc² + Σ y_vc² + s)
+      (the published V-Net form, squared denominator, background included);
+    * class c absent: Σ_v β_vc p_vc with β_vc = p_vc / Σ_v (1 − y_vc), β detached, i.e. the
+      value mean_v p_vc² and the gradient p_vc / M: predicting an absent organ costs.
+
+    Each term times ``weight[c]`` (as the published ``weight``). Differences from the code:
+    ``mask`` drops voxels from every sum (the code's ``weighted_pixel_map`` scales the target
+    only, no mask); no kept voxel gives zeros instead of NaN.
+    """
+    z, t = _ga_voxels(logits, target, mask)
+    w = _class_weight(weight, z)
+    if t.numel() == 0:
+        return z.sum(0) * 0.0
+    p = torch.softmax(z, dim=1)
+    y = F.one_hot(t, z.shape[1]).to(p.dtype)
+    dice = 1 - (2 * (p * y).sum(0) + GA_SMOOTH) / ((p * p).sum(0) + (y * y).sum(0) + GA_SMOOTH)
+    beta = (p / (1 - y).sum(0)).detach()     # Σ(1 − y) = M for an absent class
+    penalty = (beta * p).sum(0)
+    return w * torch.where(y.sum(0) > 0, dice, penalty)
+
+
+def ga_dice_loss(logits: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                 weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """GADice: (1/C) Σ_c of :func:`ga_dice_terms` (the code divides by C, not by Σ w)."""
+    return ga_dice_terms(logits, target, mask, weight).mean()
+
+
+def _top_k_mask(loss: torch.Tensor, K: int, ties: str) -> torch.Tensor:
+    """``(M,)`` bool: the K largest entries of ``loss`` ``(M,)``. ``ties="index"``: among equal
+    values at the cut, the first by index (the same voxels on every device); ``"topk"``:
+    ``torch.topk``'s own choice among them, as the published code (unspecified)."""
+    loss = loss.detach()
+    if K >= loss.numel():      # k = 100 (the cross term): every voxel, no ranking needed
+        return torch.ones_like(loss, dtype=torch.bool)
+    if ties == "topk":
+        idx = torch.topk(loss, K, sorted=False).indices
+        return torch.zeros_like(loss, dtype=torch.bool).index_fill_(0, idx, True)
+    cut = torch.topk(loss, K, sorted=False).values.min()
+    above, tied = loss > cut, loss == cut
+    need = K - above.sum()
+    return above | (tied & (tied.cumsum(0) <= need))
+
+
+def ga_ce_parts(logits: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                weight: Optional[torch.Tensor] = None, k: float = 10.0, gamma: float = 0.5,
+                ties: str = "index") -> tuple[torch.Tensor, torch.Tensor]:
+    """GACE per class, ``(C,)`` terms and ``(C,)`` counts n_c of the top-k voxels.
+
+    Over the M kept voxels, ℓ_v = w_{y_v}·CE(z_v, y_v) (``weight`` as PyTorch's per-voxel CE
+    weight, as the code's ``GACE(weight=...)``); T = the K = ⌊M·k/100⌋ largest ℓ_v (the k %
+    hardest); n_c = #{v ∈ T: y_v = c};
+    term_c = Σ_{v∈T, y_v=c} ℓ_v / (n_c^(1−γ)·K^γ), 0 if n_c = 0.
+    γ = 1: plain mean CE of the top-k (OHEM); γ = 0: sum over classes of each class's mean.
+
+    Differences from the code: the first K by index among tied losses (``ties="index"``;
+    ``"topk"``: the code's ``torch.topk`` choice); its 1e-10 smoothing of n_c and of the
+    denominator dropped (a class absent from T adds 0 either way); ``mask`` drops voxels
+    before ranking (the code has none); K = 0 gives zeros.
+    """
+    if ties not in GA_TIES:
+        raise ValueError(f"ga.ties: expected one of {', '.join(GA_TIES)}, got {ties!r}")
+    z, t = _ga_voxels(logits, target, mask)
+    C = z.shape[1]
+    K = int(t.numel() * k / 100)
+    if K == 0:
+        zero = z.sum(0) * 0.0
+        return zero, zero.detach()
+    ce = _class_weight(weight, z)[t] * F.cross_entropy(z, t, reduction="none")
+    top = _top_k_mask(ce, K, ties)
+    y = F.one_hot(t, C).to(ce.dtype) * top[:, None]
+    n = y.sum(0)
+    sums = (ce[:, None] * y).sum(0)
+    denom = n.clamp_min(1).pow(1 - gamma) * float(K) ** gamma
+    return torch.where(n > 0, sums / denom, torch.zeros_like(sums)), n
+
+
+def ga_ce_loss(logits: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None,
+               weight: Optional[torch.Tensor] = None, k: float = 10.0, gamma: float = 0.5,
+               ties: str = "index") -> torch.Tensor:
+    """GACE: Σ_c of the per-class terms of :func:`ga_ce_parts` (summed over classes, as published)."""
+    return ga_ce_parts(logits, target, mask, weight, k, gamma, ties)[0].sum()
+
+
+def ga_loss(logits: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None,
+            weight: Optional[torch.Tensor] = None, k: float = 10.0, gamma: float = 0.5,
+            ties: str = "index") -> torch.Tensor:
+    """GA = GACE(k, γ) + GADice, the published supervised loss; ``logits`` ``(N, C, *)``,
+    ``target`` ``(N, *)``, ``mask`` ``(N, *)`` (nonzero: kept), ``weight`` ``(C,)``."""
+    return (ga_ce_loss(logits, target, mask, weight, k, gamma, ties)
+            + ga_dice_loss(logits, target, mask, weight))
