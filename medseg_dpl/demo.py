@@ -32,6 +32,9 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 ALIASES = {
     "debiaspl_paper": ("debiaspl", ["debias.variant=paper", "debias.reference=uniform"]),
     "debiaspl_classthr": ("debiaspl", ["debias.class_thresholds=true"]),
+    # the peers' class weights without their co-training (a gain of dhc/cld over these is theirs)
+    "supervised_cldw": ("supervised", ["loss.class_weight=cld"]),
+    "supervised_distdw": ("supervised", ["loss.class_weight=distdw"]),
 }
 ATLAS = "atlas"
 

@@ -104,3 +104,26 @@ def test_shipped_configs_have_no_inert_keys():
                                             "model.strides=[2]"], SEG_DEFAULTS)
             from medseg_dpl.methods.debiaspl import check_ignored_keys
             check_ignored_keys(cfg)
+
+
+@pytest.mark.parametrize("kind", ["cld", "distdw"])
+def test_supervised_controls_carry_a_peers_class_weights(kind):
+    """``loss.class_weight``: the peer's weights from π on the single-network loss."""
+    from medseg_dpl.methods.cld import cld_weights
+    from medseg_dpl.methods.dhc import distdw_weights
+    prior = torch.tensor([0.7, 0.2, 0.08, 0.02])
+    cfg = _cfg(f"loss.class_weight={kind}", "loss.name=batch_dice_ce", "dhc.background_min=0.5")
+    algo = get_method("supervised")(build_model(cfg["model"], 1, C), cfg, C, prior)
+    want = cld_weights(prior, cfg["cld"]["power"]) if kind == "cld" else distdw_weights(prior)
+    if kind == "distdw":
+        assert want[0] == 0 and algo.sup_class_weight[0] == 0.5     # the floor applies
+        want[0] = 0.5
+    assert torch.allclose(algo.sup_class_weight, want)
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.rand(2, 1, 8, 8, 8, generator=g), torch.randint(0, C, (2, 1, 8, 8, 8), generator=g)
+    _, logs = algo.train_step({"image": x, "label": y.float()}, 0)
+    with torch.no_grad():
+        ref = supervised_loss(algo.student(x), y[:, 0], "batch_dice_ce", want)
+    assert logs["loss/sup"].item() == pytest.approx(ref.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="loss.class_weight"):
+        get_method("supervised")(build_model(cfg["model"], 1, C), _cfg("loss.class_weight=focal"), C, prior)

@@ -27,6 +27,8 @@ SEG_DEFAULTS = {
                                       # | organ_dice_ce (per-crop Dice over organs + CE)
                                       # | batch_dice_ce (batch Dice over organs + CE, nnU-Net's form)
                                       # | ga (GACE top-10 % + GADice, Qi et al.; k, gamma as published)
+        "class_weight": "none",       # none | cld | distdw: a peer's class weights from π on the
+                                      #   single-network methods' loss (controls for dhc/cld)
     },
     "method": {
         "name": "debiaspl",           # supervised | fixmatch | debiaspl | cps_depl | dhc | cld | ga

@@ -35,6 +35,23 @@ def class_share(labels: torch.Tensor, mask: Optional[torch.Tensor], num_classes:
     return counts / counts.sum().clamp_min(1.0)
 
 
+def static_class_weight(kind: str, prior: torch.Tensor, cfg: dict) -> Optional[torch.Tensor]:
+    """``loss.class_weight``: None (``none``), CLD's (N_max/N_c)^``cld.power`` (``cld``) or DHC's
+    DistDW C·log(N_max/N_c)/max log (``distdw``, background floored at ``dhc.background_min``)
+    from the labeled prior π ``(C,)`` -> ``(C,)``."""
+    if kind == "none":
+        return None
+    if kind == "cld":
+        from medseg_dpl.methods.cld import cld_weights
+        return cld_weights(prior, cfg["cld"]["power"])
+    if kind == "distdw":
+        from medseg_dpl.methods.dhc import distdw_weights
+        w = distdw_weights(prior)
+        w[0] = w[0].clamp_min(cfg["dhc"]["background_min"])
+        return w
+    raise ValueError(f"loss.class_weight: expected none, cld or distdw, got {kind!r}")
+
+
 class Algorithm(nn.Module):
     """Base class: the shared supervised loss, unsupervised-weight ramp-up, method state.
 
@@ -61,6 +78,9 @@ class Algorithm(nn.Module):
         self.sup_loss_name = cfg["loss"]["name"]
         if self.sup_loss_name not in SUP_LOSSES:
             raise ValueError(f"loss.name: expected one of {', '.join(SUP_LOSSES)}, got {self.sup_loss_name!r}")
+        # the peers' class weights alone, for single-network methods (the controls that tell a
+        # peer's weights from its co-training); derived from π, so not part of the method state
+        self.sup_class_weight = static_class_weight(cfg["loss"]["class_weight"], self.prior, cfg)
 
     # --- used by the trainer -------------------------------------------------------------
     def attach_teacher(self, teacher: nn.Module) -> None:
@@ -95,6 +115,8 @@ class Algorithm(nn.Module):
                         weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The shared Dice + CE (``loss.name``); ``logits`` ``(B, C, *)``, ``label`` ``(B, 1, *)``,
         optional class weights ``(C,)`` (a method's own re-weighting on top of the shared loss)."""
+        if weight is None and self.sup_class_weight is not None:
+            weight = self.sup_class_weight
         return supervised_loss(logits, label[:, 0].long(), self.sup_loss_name, weight)
 
     def unsup_weight(self, step: int) -> float:
