@@ -322,3 +322,27 @@ def test_response_ema_update_labels_equals_one_hot_update():
         a.update(one_hot, m)
         b.update_labels(labels, m)
         torch.testing.assert_close(a.qhat, b.qhat)
+
+
+def test_class_balanced_cross_entropy_float64_by_hand():
+    from medseg_dpl.core.debias import class_balanced_cross_entropy, masked_cross_entropy
+    g = torch.Generator().manual_seed(5)
+    for shape in [(7, 3), (2, 3, 4, 3, 2)]:          # (N, C) and (N, C, D, H, W)
+        z = torch.randn(*shape, generator=g, dtype=torch.float64)
+        t = torch.randint(0, 3, (shape[0], *shape[2:]), generator=g)
+        t.view(-1)[:3] = torch.tensor([0, 1, 2])
+        m = torch.rand(t.shape, generator=g) > 0.3
+        m.view(-1)[:3] = True
+        ce = -torch.log_softmax(z, 1).gather(1, t[:, None])[:, 0]
+        per = [ce[(t == c) & m].mean() for c in range(3) if ((t == c) & m).any()]
+        want = torch.stack(per).mean() * m.sum() / m.numel()
+        got = class_balanced_cross_entropy(z, t, m)
+        assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    # one class present: FixMatch's masked CE exactly; nothing kept: 0 with a graph
+    z = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
+    t = torch.ones(4, 5, dtype=torch.long)
+    m = torch.rand(4, 5, generator=g) > 0.5
+    assert class_balanced_cross_entropy(z, t, m).item() == pytest.approx(masked_cross_entropy(z, t, m).item())
+    zero = class_balanced_cross_entropy(z, t, torch.zeros_like(m))
+    zero.backward()
+    assert zero.item() == 0.0 and z.grad is not None

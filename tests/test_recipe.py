@@ -127,3 +127,20 @@ def test_supervised_controls_carry_a_peers_class_weights(kind):
     assert logs["loss/sup"].item() == pytest.approx(ref.item(), rel=1e-5)
     with pytest.raises(ValueError, match="loss.class_weight"):
         get_method("supervised")(build_model(cfg["model"], 1, C), _cfg("loss.class_weight=focal"), C, prior)
+
+
+def test_logit_adjustment_moves_the_ce_only():
+    """``loss.logit_adjust`` τ_l: CE(z + τ_l·log π, y) + Dice on softmax(z)."""
+    from monai.losses import DiceLoss
+    prior = torch.tensor([0.7, 0.2, 0.08, 0.02])
+    cfg = _cfg("loss.logit_adjust=1.0", "loss.name=organ_dice_ce")
+    algo = get_method("supervised")(build_model(cfg["model"], 1, C), cfg, C, prior)
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.rand(2, 1, 8, 8, 8, generator=g), torch.randint(0, C, (2, 1, 8, 8, 8), generator=g)
+    _, logs = algo.train_step({"image": x, "label": y.float()}, 0)
+    with torch.no_grad():
+        z = algo.student(x).double()
+    adj = z + torch.log(prior.double()).reshape(1, C, 1, 1, 1)
+    want = (DiceLoss(to_onehot_y=True, softmax=True, include_background=False)(z, y.double())
+            + F.cross_entropy(adj, y[:, 0]))
+    assert logs["loss/sup"].item() == pytest.approx(want.item(), rel=1e-5)

@@ -135,6 +135,28 @@ def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
     return loss.mean()
 
 
+def class_balanced_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
+                                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Masked CE averaged per pseudo-label class, then over the classes present, times the kept
+    share of positions, ``(N, C, *)`` logits, long ``(N, *)`` target, bool/float ``(N, *)`` mask.
+
+    (kept / all) · mean_{c present} [Σ_{y=c} m·CE / Σ_{y=c} m]: background is one class among C
+    instead of 80-90 % of the loss; with a single class present it is :func:`masked_cross_entropy`
+    exactly (the kept-share factor keeps its smooth start while few voxels pass the threshold).
+    """
+    ce = F.cross_entropy(logits.float(), target, reduction="none").reshape(-1)
+    m = torch.ones_like(ce) if mask is None else mask.reshape(-1).to(ce.dtype)
+    C = logits.shape[1]
+    t = target.reshape(-1)
+    per_class = torch.zeros(C, dtype=ce.dtype, device=ce.device).index_add_(0, t, m * ce)
+    counts = torch.zeros(C, dtype=ce.dtype, device=ce.device).index_add_(0, t, m)
+    present = counts > 0
+    if not present.any():
+        return (ce * m).sum() * 0.0   # keeps the graph, no voxel kept
+    balanced = (per_class[present] / counts[present]).mean()
+    return balanced * m.sum() / m.numel()
+
+
 def _flatten_mask(mask: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     if mask.ndim == probs.ndim and mask.shape[1] == 1:
         mask = mask.squeeze(1)

@@ -29,6 +29,8 @@ SEG_DEFAULTS = {
                                       # | ga (GACE top-10 % + GADice, Qi et al.; k, gamma as published)
         "class_weight": "none",       # none | cld | distdw: a peer's class weights from π on the
                                       #   single-network methods' loss (controls for dhc/cld)
+        "logit_adjust": 0.0,          # τ_l: CE on z + τ_l·log π (the adaptive margin with the known
+                                      #   label distribution, Menon et al.); Dice on the raw softmax
     },
     "method": {
         "name": "debiaspl",           # supervised | fixmatch | debiaspl | cps_depl | dhc | cld | ga
@@ -36,6 +38,7 @@ SEG_DEFAULTS = {
         "lambda_u": 1.0,              # weight of the unsupervised loss after ramp-up
         "rampup": 0.0,                # sigmoid ramp-up of lambda_u over this fraction of train.steps
         "unsup_loss": "ce",           # ce (masked CE, FixMatch) | dice_ce (+ Dice on confident voxels)
+                                      #   | balanced_ce (CE averaged per pseudo-label class)
         "cutmix": 0.5,                # probability of a CutMix box per strong unlabeled crop
     },
     "debias": {

@@ -114,10 +114,18 @@ class Algorithm(nn.Module):
     def supervised_loss(self, logits: torch.Tensor, label: torch.Tensor,
                         weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The shared Dice + CE (``loss.name``); ``logits`` ``(B, C, *)``, ``label`` ``(B, 1, *)``,
-        optional class weights ``(C,)`` (a method's own re-weighting on top of the shared loss)."""
+        optional class weights ``(C,)`` (a method's own re-weighting on top of the shared loss).
+        ``loss.logit_adjust`` τ_l: the CE sees z + τ_l·log π (π the labeled crop prior): the
+        adaptive margin of DebiasPL with the known label distribution (Menon et al.'s logit
+        adjustment), so rare organs need a larger margin on labeled voxels."""
         if weight is None and self.sup_class_weight is not None:
             weight = self.sup_class_weight
-        return supervised_loss(logits, label[:, 0].long(), self.sup_loss_name, weight)
+        return supervised_loss(logits, label[:, 0].long(), self.sup_loss_name, weight, self.ce_offset())
+
+    def ce_offset(self) -> Optional[torch.Tensor]:
+        """τ_l·log π ``(C,)`` for the supervised CE (``loss.logit_adjust``), None when τ_l = 0."""
+        tau_l = self.cfg["loss"]["logit_adjust"]
+        return tau_l * torch.log(self.prior.clamp_min(1e-8)) if tau_l else None
 
     def unsup_weight(self, step: int) -> float:
         """λ_u · sigmoid ramp-up over ``rampup`` × train.steps (so it scales with the schedule);
@@ -160,7 +168,7 @@ class CoTraining(Algorithm):
         methods), ``published`` on DHC's repository form (weighted CE + weighted batch Dice)."""
         from medseg_dpl.methods.losses import weighted_dice_ce
         if form == "shared":
-            return supervised_loss(logits, target, self.sup_loss_name, weight)
+            return supervised_loss(logits, target, self.sup_loss_name, weight, self.ce_offset())
         if form == "published":
             return weighted_dice_ce(logits, target, weight)
         raise ValueError(f"{self.name}.sup_loss: expected shared or published, got {form!r}")

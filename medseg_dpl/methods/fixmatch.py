@@ -5,8 +5,9 @@ pseudo-labels for the student's strong view (same voxels). The strong view is fu
 across the unlabeled batch by 3D CutMix (``method.cutmix``: a random box of crop i is replaced
 by the same box of crop i+1, image and pseudo-label alike, as UniMatch/CutMix-Seg do), so it
 really differs from the weak view. The unsupervised loss (``method.unsup_loss``) is the
-masked cross-entropy (``ce``) or that plus a Dice loss on the confident voxels (``dice_ce``,
-the supervised loss's form: Dice does not let the background's voxel count drown the organs).
+masked cross-entropy (``ce``), that plus a Dice loss on the confident voxels (``dice_ce``,
+the supervised loss's form: Dice does not let the background's voxel count drown the organs),
+or the CE averaged per pseudo-label class (``balanced_ce``, background one class among C).
 Labeled and strong-unlabeled crops go through the student in one forward pass.
 Subclasses change :meth:`teacher_probs` (the pseudo-label), :meth:`thresholds` and
 :meth:`unsup_logits`.
@@ -16,10 +17,10 @@ from __future__ import annotations
 import torch
 from monai.losses import MaskedDiceLoss
 
-from medseg_dpl.core.debias import masked_cross_entropy, pseudo_labels
+from medseg_dpl.core.debias import class_balanced_cross_entropy, masked_cross_entropy, pseudo_labels
 from medseg_dpl.methods.base import Algorithm, class_share
 
-UNSUP_LOSSES = ("ce", "dice_ce")
+UNSUP_LOSSES = ("ce", "dice_ce", "balanced_ce")
 
 
 def cutmix_boxes(n: int, spatial: tuple[int, ...], prob: float, device) -> torch.Tensor:
@@ -83,6 +84,8 @@ class FixMatch(Algorithm):
 
     def unsup_loss(self, logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``logits`` ``(U, C, *)``, ``labels`` long and ``mask`` bool ``(U, *)``."""
+        if self.cfg["method"]["unsup_loss"] == "balanced_ce":
+            return class_balanced_cross_entropy(logits, labels, mask)
         loss = masked_cross_entropy(logits, labels, mask)
         if self.cfg["method"]["unsup_loss"] == "dice_ce" and mask.any():
             loss = loss + self.unsup_dice(logits.float(), labels[:, None].float(), mask[:, None].float())

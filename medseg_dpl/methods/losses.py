@@ -84,7 +84,8 @@ DICE_CE_LOSSES = tuple(n for n in SUP_LOSSES if n != "ga")   # the MONAI Dice + 
 
 
 def supervised_loss(logits: torch.Tensor, target: torch.Tensor, name: str = "dice_ce",
-                    weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    weight: Optional[torch.Tensor] = None,
+                    ce_offset: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Soft Dice (MONAI's ``DiceLoss``, form ``SUP_LOSSES[name]``) + CE, optionally class-weighted.
 
     ``logits`` ``(B, C, *)``, ``target`` ``(B, *)`` class indices, ``weight`` ``(C,)`` or None.
@@ -92,6 +93,7 @@ def supervised_loss(logits: torch.Tensor, target: torch.Tensor, name: str = "dic
     of w_c·(1 − Dice_c) over the classes the form includes. ``name`` ``dice_ce`` without weight is
     exactly MONAI's ``DiceCELoss(to_onehot_y=True, softmax=True)``. ``name`` ``ga`` is
     :func:`ga_loss` with k = 10, γ = 0.5 (the published values; ``ga.*`` configures method ga).
+    ``ce_offset`` ``(C,)``: added to the logits of the CE term only (logit adjustment).
     """
     from monai.losses import DiceLoss
 
@@ -99,12 +101,21 @@ def supervised_loss(logits: torch.Tensor, target: torch.Tensor, name: str = "dic
         raise ValueError(f"loss.name: expected one of {', '.join(SUP_LOSSES)}, got {name!r}")
     form = SUP_LOSSES[name]
     if name == "ga":   # class weights as in ga_loss: per-voxel CE weight, per-class Dice factor
+        if ce_offset is not None:
+            raise ValueError("loss.logit_adjust: not available with loss.name=ga")
         return ga_loss(logits, target, weight=weight, **form)
     logits = logits.float()
     w = None if weight is None else weight.to(logits.device, logits.dtype)
     dice_w = None if w is None else (w if form["include_background"] else w[1:])
     dice = DiceLoss(to_onehot_y=True, softmax=True, weight=dice_w, **form)
-    return dice(logits, target[:, None].float()) + F.cross_entropy(logits, target.long(), weight=w)
+    # ce_offset (C,): logit adjustment of the CE only, so the Dice term still sees the raw softmax
+    ce_in = logits if ce_offset is None else logits + _class_axis(ce_offset.to(logits), logits)
+    return dice(logits, target[:, None].float()) + F.cross_entropy(ce_in, target.long(), weight=w)
+
+
+def _class_axis(vec: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``(C,)`` -> broadcastable against ``(N, C, *)``."""
+    return vec.reshape(1, -1, *([1] * (like.ndim - 2)))
 
 
 # ----------------------------------------------------------------------------- GA loss
