@@ -31,7 +31,8 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 # kept as a row next to the default variant), and "atlas", the no-learning floor.
 ALIASES = {
     "debiaspl_paper": ("debiaspl", ["debias.variant=paper", "debias.reference=uniform"]),
-    "debiaspl_classthr": ("debiaspl", ["debias.class_thresholds=true"]),
+    "debiaspl_classthr": ("debiaspl", ["method.class_thresholds=true"]),
+    "fixmatch_classthr": ("fixmatch", ["method.class_thresholds=true"]),
     # the peers' class weights without their co-training (a gain of dhc/cld over these is theirs)
     "supervised_cldw": ("supervised", ["loss.class_weight=cld"]),
     "supervised_distdw": ("supervised", ["loss.class_weight=distdw"]),

@@ -215,14 +215,23 @@ def test_debiaspl_organ_prior_step_matches_formulas():
     assert torch.allclose(logs["bias"].double(), bias(q1).flatten(), atol=1e-6)
 
 
-def test_debiaspl_class_thresholds_are_logged_and_used():
-    cfg = _cfg("debias.variant=organ_prior", "debias.class_thresholds=true", "debias.threshold_floor=0.2",
-               "method.threshold=0.6")
-    algo = _algo("debiaspl", cfg, PRIOR)
+@pytest.mark.parametrize("method", ["fixmatch", "debiaspl"])
+@pytest.mark.parametrize("background", ["fixed", "adaptive"])
+def test_class_thresholds_once_per_step_background_fixed(method, background):
+    from medseg_dpl.core.debias import classwise_thresholds
+    cfg = _cfg("debias.variant=organ_prior", "method.class_thresholds=true", "method.threshold_floor=0.2",
+               "method.threshold=0.6", f"method.background_threshold={background}")
+    algo = _algo(method, cfg, PRIOR)
+    rate0 = algo.confident.qhat.clone()
     _, logs = algo.train_step(_batch(7), 0)
     thr = logs["thresholds"]
-    assert thr.shape == (C,) and (thr >= 0.2 - 1e-6).all() and (thr <= 0.6 + 1e-6).all()
-    assert set(algo.method_state()) == {"prior", "response.qhat", "confident.qhat"}
+    want = classwise_thresholds(rate0, PRIOR, 0.6, 0.2)    # from the statistics before the step
+    if background == "fixed":
+        want[0] = 0.6
+    assert torch.allclose(thr, want)
+    assert not torch.equal(algo.confident.qhat, rate0)     # updated once, after the mask
+    state = {"prior", "confident.qhat"} | ({"response.qhat"} if method == "debiaspl" else set())
+    assert set(algo.method_state()) == state
 
 
 def test_cutmix_boxes_and_dice_ce_unsup_loss():

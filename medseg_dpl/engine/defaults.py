@@ -40,6 +40,11 @@ SEG_DEFAULTS = {
         "unsup_loss": "ce",           # ce (masked CE, FixMatch) | dice_ce (+ Dice on confident voxels)
                                       #   | balanced_ce (CE averaged per pseudo-label class)
         "cutmix": 0.5,                # probability of a CutMix box per strong unlabeled crop
+        "class_thresholds": False,    # per-class thresholds from confident rate / π (FlexMatch-style),
+                                      #   once per step on the (debiased) teacher probabilities
+        "threshold_floor": 0.5,       # lowest per-class threshold
+        "background_threshold": "fixed",  # fixed: background keeps method.threshold | adaptive: its own
+        "threshold_momentum": 0.99,   # EMA of the confident pseudo-labels' class shares
     },
     "debias": {
         "variant": "organ_prior",     # organ_prior (organ-only, prior-matched) | paper
@@ -50,8 +55,6 @@ SEG_DEFAULTS = {
         "reference": "labeled_prior", # labeled_prior (log q̂/π) | uniform (the paper: log q̂)
         "include_background": True,   # False: background's bias term is 0 (only organs debiased)
         "b_max": 2.0,                 # organ_prior: bias clipped to ±b_max nats
-        "class_thresholds": False,    # per-class thresholds from confident rate / π (FlexMatch-style)
-        "threshold_floor": 0.5,       # lowest per-class threshold
     },
     "dhc": {                          # method.name=dhc (xmed-lab/DHC, MICCAI 2023)
         "dist_momentum": 0.99,        # DistDW (network B): EMA towards B's pseudo-label counts

@@ -16,7 +16,8 @@ import torch
 from medseg_dpl.core.debias import (ResponseEMA, debiased_probs, margin_adjusted_logits,
                                     masked_cross_entropy, pseudo_labels)
 from medseg_dpl.methods.base import CoTraining, class_share
-from medseg_dpl.methods.debiaspl import (bias_options, check_ignored_keys, initial_qhat, reference_prior, response_probs,
+from medseg_dpl.methods.checks import check_ignored_keys
+from medseg_dpl.methods.debiaspl import (bias_options, initial_qhat, reference_prior, response_probs,
                                          update_response)
 
 
@@ -28,7 +29,7 @@ class CPSDePL(CoTraining):
         super().__init__(student, cfg, num_classes, prior, student2)
         m = cfg["debias"]["momentum"]
         self.opts = bias_options(cfg)
-        check_ignored_keys(cfg)
+        check_ignored_keys(cfg, ("debias",))
         response_probs(torch.zeros(1, num_classes), cfg)
         self.response_a = ResponseEMA(num_classes, momentum=m, init=initial_qhat(cfg, self.prior))
         self.response_b = ResponseEMA(num_classes, momentum=m, init=initial_qhat(cfg, self.prior))

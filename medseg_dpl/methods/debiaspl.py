@@ -19,9 +19,9 @@ q̂ starts at the reference it is compared with, so b = 0 until evidence arrives
   probability leaking into rare organs is what made the soft q̂ over-state them (the README's
   measured mechanism), and what the student must learn is the organs' relative shares.
 
-``debias.class_thresholds``: per-class thresholds from the confident pseudo-labels' class
-rates over π (:func:`~medseg_dpl.core.debias.classwise_thresholds`, floor
-``debias.threshold_floor``), so rare organs get pseudo-labels at all.
+``method.class_thresholds`` (FixMatch's, so the benchmark can tell the thresholds' effect from
+the debiasing's): per-class thresholds from the confident (debiased) pseudo-labels' class rates
+over π, computed once per step, background at the fixed threshold by default.
 π (the trainer's ``prior``) is measured on the voxels random crops see, like q̂ (see
 ``engine.trainer.labeled_prior``). τ = 0 with ``paper`` is FixMatch exactly (a test checks it).
 """
@@ -30,35 +30,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from medseg_dpl.core.debias import (ResponseEMA, classwise_thresholds, debiased_probs,
-                                    log_bias, margin_adjusted_logits, pseudo_labels)
+from medseg_dpl.core.debias import (ResponseEMA, debiased_probs, log_bias, margin_adjusted_logits,
+                                    pseudo_labels)
+from medseg_dpl.methods.checks import check_ignored_keys
 from medseg_dpl.methods.fixmatch import FixMatch
 
 VARIANTS = ("paper", "organ_prior")
-# debias.* keys a setting makes inert: (key, the setting that ignores it, why)
-IGNORED_BY = (
-    ("response", ("variant", "organ_prior"), "organ_prior always counts the raw argmax"),
-    ("reference", ("variant", "organ_prior"), "organ_prior always compares with π over organs"),
-    ("include_background", ("variant", "organ_prior"), "organ_prior's background bias is always 0"),
-    ("b_max", ("variant", "paper"), "the paper's bias is not clipped"),
-    ("threshold_floor", ("class_thresholds", False), "it floors the per-class thresholds only"),
-)
-
-
-def check_ignored_keys(cfg: dict) -> None:
-    """A ``debias.*`` key set away from its default where the chosen setting ignores it is an
-    error naming the key (silence would let a config believe it ran something it did not)."""
-    from medseg_dpl.config import ConfigError
-    from medseg_dpl.engine.defaults import SEG_DEFAULTS
-
-    d, default = cfg["debias"], SEG_DEFAULTS["debias"]
-    for key, (setting, value), why in IGNORED_BY:
-        if d[setting] == value and d[key] != default[key]:
-            raise ConfigError(f"debias.{key}={d[key]!r} has no effect with debias.{setting}="
-                              f"{str(value).lower() if isinstance(value, bool) else value} ({why}); "
-                              f"remove it or change debias.{setting}")
-
-
 def reference_prior(cfg: dict, prior: torch.Tensor, qhat: torch.Tensor) -> torch.Tensor:
     """The reference handed to the core functions, ``(C,)``.
 
@@ -86,7 +63,9 @@ def bias_options(cfg: dict) -> dict:
         return {"ignore_index": 0, "clip": d["b_max"]}
     if d["variant"] != "paper":
         raise ValueError(f"debias.variant: expected one of {VARIANTS}, got {d['variant']!r}")
-    return {}
+    # a hard q̂ of a never-predicted class decays towards 0 (log -> -inf): every hard variant is
+    # clipped; the soft paper form is not (its q̂ never reaches 0)
+    return {"clip": d["b_max"]} if d["response"] == "hard" else {}
 
 
 def update_response(ema: ResponseEMA, logits: torch.Tensor, cfg: dict, mask=None) -> torch.Tensor:
@@ -126,12 +105,10 @@ class DebiasPL(FixMatch):
         super().__init__(student, cfg, num_classes, prior)
         d = cfg["debias"]
         bias_options(cfg)                                 # validate the variant early
-        check_ignored_keys(cfg)
+        check_ignored_keys(cfg, ("debias",))
         response_probs(torch.zeros(1, num_classes), cfg)  # and debias.response
         self.response = ResponseEMA(num_classes, momentum=d["momentum"],
                                     init=initial_qhat(cfg, self.prior))
-        # share of the confident pseudo-labels per class (for the per-class thresholds)
-        self.confident = ResponseEMA(num_classes, momentum=d["momentum"], init=self.prior)
 
     @property
     def qhat(self) -> torch.Tensor:
@@ -144,21 +121,14 @@ class DebiasPL(FixMatch):
         """The current b ``(C,)`` (what τ multiplies), for logs and reports."""
         return log_bias(self.qhat, self._ref(), **bias_options(self.cfg))
 
-    def thresholds(self):
-        d, thr = self.cfg["debias"], self.cfg["method"]["threshold"]
-        if not d["class_thresholds"]:
-            return thr
-        return classwise_thresholds(self.confident.qhat, self.prior, thr, d["threshold_floor"])
-
-    def teacher_probs(self, logits_w):
+    def teacher_probs(self, logits_w, thresholds=None):
         d = self.cfg["debias"]
         probs = debiased_probs(logits_w, self.qhat, d["tau"], self._ref(), **bias_options(self.cfg))
         if self.training:
-            thr = self.thresholds()
-            mask = pseudo_labels(probs, thr)[1] if d["masked"] or d["class_thresholds"] else None
-            update_response(self.response, logits_w, self.cfg, mask if d["masked"] else None)
-            if d["class_thresholds"]:
-                self.confident.update_labels(probs.argmax(1), mask)
+            # debias.masked: q̂ counts the voxels the loss keeps (this step's thresholds)
+            thr = self.thresholds() if thresholds is None else thresholds
+            mask = pseudo_labels(probs, thr)[1] if d["masked"] else None
+            update_response(self.response, logits_w, self.cfg, mask)
         # after the update: the q̂ and bias the margin loss of this step uses
         return probs, {"qhat": self.qhat.detach().clone(), "bias": self.bias().detach()}
 

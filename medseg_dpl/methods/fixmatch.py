@@ -17,8 +17,10 @@ from __future__ import annotations
 import torch
 from monai.losses import MaskedDiceLoss
 
-from medseg_dpl.core.debias import class_balanced_cross_entropy, masked_cross_entropy, pseudo_labels
+from medseg_dpl.core.debias import (ResponseEMA, class_balanced_cross_entropy, classwise_thresholds,
+                                    masked_cross_entropy, pseudo_labels)
 from medseg_dpl.methods.base import Algorithm, class_share
+from medseg_dpl.methods.checks import check_ignored_keys
 
 UNSUP_LOSSES = ("ce", "dice_ce", "balanced_ce")
 
@@ -53,10 +55,17 @@ class FixMatch(Algorithm):
 
     def __init__(self, student, cfg, num_classes, prior=None):
         super().__init__(student, cfg, num_classes, prior)
+        m = cfg["method"]
+        check_ignored_keys(cfg, ("method",))
         if cfg["method"]["unsup_loss"] not in UNSUP_LOSSES:
             raise ValueError(f"method.unsup_loss: expected one of {UNSUP_LOSSES}, "
                              f"got {cfg['method']['unsup_loss']!r}")
         self.unsup_dice = MaskedDiceLoss(to_onehot_y=True, softmax=True)
+        if m["background_threshold"] not in ("fixed", "adaptive"):
+            raise ValueError(f"method.background_threshold: expected fixed or adaptive, "
+                             f"got {m['background_threshold']!r}")
+        if m["class_thresholds"]:  # the confident pseudo-labels' class shares, starting at π
+            self.confident = ResponseEMA(num_classes, momentum=m["threshold_momentum"], init=self.prior)
 
     @torch.no_grad()
     def weak_logits(self, batch: dict) -> torch.Tensor:
@@ -66,13 +75,24 @@ class FixMatch(Algorithm):
             return torch.log(batch["teacher_probs"].float().clamp_min(1e-8))
         return self.teacher(batch["image_weak"]).float()
 
-    def teacher_probs(self, logits_w: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """Probabilities to pseudo-label from (plain softmax here) and extra logs."""
+    def teacher_probs(self, logits_w: torch.Tensor, thresholds=None) -> tuple[torch.Tensor, dict]:
+        """Probabilities to pseudo-label from (plain softmax here) and extra logs; ``thresholds``
+        are this step's (a subclass may count its statistics on the confident voxels)."""
         return torch.softmax(logits_w, dim=1), {}
 
     def thresholds(self):
-        """The confidence threshold: a float, or a ``(C,)`` tensor of per-class thresholds."""
-        return self.cfg["method"]["threshold"]
+        """The confidence threshold: a float, or ``(C,)`` per-class thresholds
+        (``method.class_thresholds``: T_c from the confident pseudo-labels' class shares over π,
+        :func:`~medseg_dpl.core.debias.classwise_thresholds`; background keeps
+        ``method.threshold`` unless ``method.background_threshold=adaptive``, since lowering it
+        makes ambiguous voxels confident background)."""
+        m = self.cfg["method"]
+        if not m["class_thresholds"]:
+            return m["threshold"]
+        thr = classwise_thresholds(self.confident.qhat, self.prior, m["threshold"], m["threshold_floor"])
+        if m["background_threshold"] == "fixed":
+            thr[0] = m["threshold"]
+        return thr
 
     def unsup_logits(self, logits_s: torch.Tensor) -> torch.Tensor:
         """Logits the unsupervised loss is computed on."""
@@ -94,9 +114,11 @@ class FixMatch(Algorithm):
     def train_step(self, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
         x_l, y_l = batch["image"], batch["label"]
         logits_w = self.weak_logits(batch)
-        probs, extra = self.teacher_probs(logits_w)
-        thr = self.thresholds()
+        thr = self.thresholds()             # once per step, from the statistics so far
+        probs, extra = self.teacher_probs(logits_w, thr)
         labels_u, mask = pseudo_labels(probs, thr)
+        if self.cfg["method"]["class_thresholds"]:
+            self.confident.update_labels(labels_u, mask)
 
         x_s, mixed_labels, mixed_mask = batch["image_strong"], labels_u, mask
         if self.cfg["method"]["cutmix"] > 0 and x_s.shape[0] > 1:
