@@ -259,7 +259,8 @@ def run_tasks(tasks: Sequence[dict], jobs: int = 1, stage=print) -> None:
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     os.environ["OMP_NUM_THREADS"] = "1"   # inherited by the spawned workers before torch loads
-    order = sorted(tasks, key=lambda t: -_COST.get(t["row"], 2))
+    # seed by seed (an interrupted benchmark leaves whole seeds), longest first within a seed
+    order = sorted(tasks, key=lambda t: (t["seed"], -_COST.get(t["row"], 2)))
     errors = []
     with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
                              initializer=_one_thread) as pool:
