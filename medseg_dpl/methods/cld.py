@@ -104,5 +104,8 @@ class CLD(CoTraining):
         logs = {"loss/sup": sup.detach(), "loss/unsup": cps.detach(), "unsup_weight": weight,
                 "mask_ratio": keep_u.float().mean(),
                 "pl_share": class_share(torch.cat([lab_b[n:], lab_a[n:]]), keep_u, self.num_classes),
-                "keep_rate_a": rate_a, "keep_rate_b": rate_b, "confidence_a": self.conf[0].clone()}
+                "keep_rate_a": rate_a, "keep_rate_b": rate_b, "confidence_a": self.conf[0].clone(),
+                # each network's argmax shares on the unlabeled crops: the collapse diagnostic
+                "argmax_share_a": class_share(lab_a[n:], None, self.num_classes),
+                "argmax_share_b": class_share(lab_b[n:], None, self.num_classes)}
         return loss, logs

@@ -106,5 +106,8 @@ class DHC(CoTraining):
         logs = {"loss/sup": sup.detach(), "loss/unsup": cps.detach(), "unsup_weight": weight,
                 "mask_ratio": mask_u.float().mean(),
                 "pl_share": class_share(lab_u, mask_u, self.num_classes),
-                "weight_a": w_a, "weight_b": w_b}
+                "weight_a": w_a, "weight_b": w_b,
+                # each network's argmax shares on the unlabeled crops: the collapse diagnostic
+                "argmax_share_a": class_share(lab_a[n:], None, self.num_classes),
+                "argmax_share_b": class_share(lab_b[n:], None, self.num_classes)}
         return loss, logs

@@ -105,5 +105,7 @@ class GA(CoTraining):
                 "mask_ratio": mask_u.float().mean(),
                 "pl_share": class_share(lab_u, mask_u, self.num_classes),
                 "cps_ce": cps_terms, **terms,
+                "argmax_share_a": class_share(lab_a[n:], None, self.num_classes),
+                "argmax_share_b": class_share(lab_b[n:], None, self.num_classes),
                 "_pseudo_labels": (lab_a[n:], mask_a[n:])}   # A's, for the trainer's crop diagnostics
         return sup + weight * cps, logs
