@@ -15,6 +15,7 @@ VERB_MODULES = [
     "medseg_dpl.evaluation.cli",      # predict, eval, postprocess, compare
     "medseg_dpl.demo",                # demo
     "medseg_dpl.classification.cli",  # classify
+    "medseg_dpl.deploy.cli",          # export
 ]
 
 
