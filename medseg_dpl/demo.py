@@ -343,11 +343,22 @@ def collect_results(out: str | Path, methods: Sequence[str], seeds: Sequence[int
     return {"rows": rows, "table": table, "paths": paths, "runs": runs}
 
 
+def default_jobs(device: str = "auto") -> int:
+    """Trainings at a time for the demo: 2 on a CPU machine with ≥ 2 cores (one thread each),
+    1 on a GPU (one device, one run)."""
+    import os
+
+    import torch
+    on_gpu = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    return 1 if on_gpu else max(1, min(2, os.cpu_count() or 1))
+
+
 def _cmd_demo(args) -> int:
     try:
         run_demo(args.out, quick=args.quick, labeled=args.labeled, seeds=args.seeds,
                  layout=args.layout, cases=args.cases, steps=args.steps, device=args.device,
-                 progress=not args.no_progress, extra=args.overrides)
+                 progress=not args.no_progress, extra=args.overrides,
+                 jobs=args.jobs or default_jobs(args.device))
     except Exception as exc:  # the verb reports, the library raises
         from medseg_dpl.config import ConfigError
         if isinstance(exc, (ConfigError, FileNotFoundError, ValueError)):
@@ -370,6 +381,8 @@ def register(subparsers) -> None:
     p.add_argument("--cases", type=int, default=None, help="phantom cases (default: 30, quick: 10)")
     p.add_argument("--steps", type=int, default=None, help="training steps per run")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--jobs", type=int, default=0,
+                   help="trainings at a time (default: 2 on a CPU with >= 2 cores, 1 on a GPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides applied to every run (e.g. debias.tau=0.5)")
