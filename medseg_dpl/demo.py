@@ -36,6 +36,7 @@ ALIASES = {
     # the peers' class weights without their co-training (a gain of dhc/cld over these is theirs)
     "supervised_cldw": ("supervised", ["loss.class_weight=cld"]),
     "supervised_distdw": ("supervised", ["loss.class_weight=distdw"]),
+    "supervised_ga": ("supervised", ["loss.name=ga"]),    # GA's loss without its co-training
     # the small-organ additions together (labeled logit adjustment τ_l = 1, class-balanced
     # unsupervised CE, per-class thresholds with background fixed), on DebiasPL and on FixMatch
     # (a gain counts for debiasing only if FixMatch with the same additions does not have it)
