@@ -253,12 +253,19 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
-def run_tasks(tasks: Sequence[dict], jobs: int = 1, stage=print) -> None:
+def run_tasks(tasks: Sequence[dict], jobs: int = 1, stage=print, order: str = "longest") -> None:
     """Run benchmark cells one after the other (``jobs`` 1) or ``jobs`` at a time, each in a
     fresh process with one thread (OMP_NUM_THREADS=1): oversubscribed cores made every step
-    2-3x slower. A failing cell raises after the others have finished."""
+    2-3x slower. Seed by seed; within a seed ``order`` ``longest`` first (the workers finish
+    together) or ``listed`` (the methods' order: the rows wanted first finish first). A failing
+    cell raises after the others have finished."""
+    if order not in ("longest", "listed"):
+        raise ValueError(f"order: expected longest or listed, got {order!r}")
+    rows = list(dict.fromkeys(t["row"] for t in tasks))
+    key = (lambda t: -_COST.get(t["row"], 2)) if order == "longest" else (lambda t: rows.index(t["row"]))
+    queue = sorted(tasks, key=lambda t: (t["seed"], key(t)))
     if jobs <= 1:
-        for t in tasks:
+        for t in queue:
             stage(f"3-4/5 {t['row']} (seed {t['seed']}) -> {t['run']}")
             stage("    " + run_task(t))
         return
@@ -267,13 +274,11 @@ def run_tasks(tasks: Sequence[dict], jobs: int = 1, stage=print) -> None:
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     os.environ["OMP_NUM_THREADS"] = "1"   # inherited by the spawned workers before torch loads
-    # seed by seed (an interrupted benchmark leaves whole seeds), longest first within a seed
-    order = sorted(tasks, key=lambda t: (t["seed"], -_COST.get(t["row"], 2)))
     errors = []
     with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
                              initializer=_one_thread) as pool:
-        stage(f"3-4/5 {len(order)} runs, {jobs} at a time (one thread each)")
-        futures = {pool.submit(run_task, t): t for t in order}
+        stage(f"3-4/5 {len(queue)} runs, {jobs} at a time (one thread each)")
+        futures = {pool.submit(run_task, t): t for t in queue}
         for f in as_completed(futures):
             t = futures[f]
             try:

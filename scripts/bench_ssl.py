@@ -199,6 +199,8 @@ def main() -> None:
                     help="train nothing: rebuild the report from the finished runs in --out")
     ap.add_argument("--jobs", type=int, default=1,
                     help="trainings at a time, each in its own process with one thread (2 on 2 cores)")
+    ap.add_argument("--order", default="longest", choices=["longest", "listed"],
+                    help="within a seed: longest runs first (default) or in --methods order")
     ap.add_argument("--record", default=None, metavar="DIR",
                     help="copy each finished run's results (test/eval per organ, config) into "
                          "DIR/<P>p/runs/ and append the command to DIR/commands.txt (e.g. "
@@ -221,7 +223,7 @@ def main() -> None:
                             plan_only=True)
             tasks += plan["tasks"]
             data, stage = plan["prep"], plan["stage"]
-        run_tasks(tasks, args.jobs, stage)
+        run_tasks(tasks, args.jobs, stage, order=args.order)
     report = []
     for frac, root in roots.items():
         res = collect_results(root, args.methods, args.seeds, title=f"test cases, {frac:.0%} labeled")
