@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic writes and seeding."""
+"""Small shared helpers: atomic writes, seeding, the one device resolver."""
 from __future__ import annotations
 
 import contextlib
@@ -58,3 +58,30 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
         fig.savefig(tmp, dpi=dpi, format="png")
     plt.close(fig)
     return path
+
+
+def resolve_device(name, key: str = "train.device"):
+    """The one device rule of every verb: ``auto`` (CUDA when available, else CPU), ``cpu``,
+    ``cuda`` or ``cuda:N``; under torchrun ``auto``/``cuda`` mean ``cuda:LOCAL_RANK``. Anything
+    else, CUDA asked for but absent, or N beyond the visible devices is a ``ConfigError`` naming
+    ``key`` (a typo must not silently run on the CPU)."""
+    import re
+
+    import torch
+
+    from medseg_dpl.config import ConfigError
+
+    text = "auto" if name is None else str(name).strip().lower()
+    if text == "auto":
+        text = "cuda" if torch.cuda.is_available() else "cpu"
+    if text == "cpu":
+        return torch.device("cpu")
+    m = re.fullmatch(r"cuda(?::(\d+))?", text)
+    if m is None:
+        raise ConfigError(f"{key}: expected auto, cpu, cuda or cuda:N, got {name!r}")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"{key}={name} but CUDA is not available on this machine")
+    index = int(m.group(1)) if m.group(1) is not None else int(os.environ.get("LOCAL_RANK", "0"))
+    if index >= torch.cuda.device_count():
+        raise ConfigError(f"{key}={name}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    return torch.device("cuda", index)

@@ -35,17 +35,9 @@ from medseg_dpl.classification.models import build_classifier
 from medseg_dpl.config import ConfigError, save_config
 from medseg_dpl.core.debias import debiased_probs, pseudo_labels
 from medseg_dpl.core.ema import ModelEMA
-from medseg_dpl.utils import atomic_path, seed_everything
+from medseg_dpl.utils import atomic_path, resolve_device, seed_everything
 
 
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; anything else as ``torch.device``."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as exc:
-        raise ConfigError(f"train.device: {exc}") from exc
 
 
 def load_teacher_logits(path: str | Path, num_unlabeled: int, num_classes: int) -> torch.Tensor:

@@ -40,7 +40,7 @@ from medseg_dpl.engine.data import StepBatches, TeacherVolumes, step_loader, ste
 from medseg_dpl.engine.reports import CropPseudoLabelStats, pseudo_label_report, validate
 from medseg_dpl.methods import get_method
 from medseg_dpl.models import build_model
-from medseg_dpl.utils import atomic_path, seed_everything
+from medseg_dpl.utils import atomic_path, resolve_device, seed_everything
 
 
 class TrainingError(RuntimeError):
@@ -59,14 +59,7 @@ def _dist_setup(device: torch.device) -> tuple[int, int]:
 
 
 def _device(cfg: dict) -> torch.device:
-    want = cfg["train"]["device"]
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
-    if want == "cuda":
-        if not torch.cuda.is_available():
-            raise TrainingError("train.device=cuda but CUDA is not available")
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
+    return resolve_device(cfg["train"]["device"])
 
 
 def _barrier() -> None:

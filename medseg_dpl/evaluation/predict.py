@@ -53,9 +53,9 @@ class LoadedModel:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """``--device`` of predict/eval: the package's one rule (:func:`medseg_dpl.utils.resolve_device`)."""
+    from medseg_dpl.utils import resolve_device as resolve
+    return resolve(device, key="--device")
 
 
 def load_checkpoint_model(checkpoint: str | os.PathLike, device=None) -> LoadedModel:
