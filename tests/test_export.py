@@ -242,6 +242,12 @@ def test_refused_checkpoints_write_nothing(kind, classification_ckpt, phantom_ru
         export_bundle(ckpt, out)
 
 
+def test_predict_names_a_classification_checkpoint(classification_ckpt):
+    from medseg_dpl.evaluation.predict import PredictError, load_checkpoint_model
+    with pytest.raises(PredictError, match="image-classification checkpoint"):
+        load_checkpoint_model(classification_ckpt, "cpu")
+
+
 def test_existing_bundle_is_not_replaced_without_overwrite(bundle, phantom_run):
     with pytest.raises(ExportError, match="already exists"):
         export_bundle(phantom_run, bundle)

@@ -58,8 +58,8 @@ class ExportError(RuntimeError):
 
 # --------------------------------------------------------------------------- checkpoint
 def _refusal(path: Path, exc: Exception) -> str:
-    """Why predict's loader refused ``path``, in words: a corrupt file's cause, the
-    classification side by name, else the loader's own message (it names the file)."""
+    """Why predict's loader refused ``path``, in words: a corrupt file's cause, else the
+    loader's own message (it names the file, and the classification side by name)."""
     import zipfile
 
     if path.is_file():
@@ -69,14 +69,7 @@ def _refusal(path: Path, exc: Exception) -> str:
             return f"{path}: cannot read checkpoint: not a torch checkpoint (the file is not a zip archive)"
         if not zipfile.is_zipfile(path):
             return f"{path}: cannot read checkpoint: truncated or corrupt file (its zip archive is broken)"
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # corrupt inside the archive: the loader's message says how
-            return str(exc)
-        if isinstance(ckpt, dict) and "dataset" not in ckpt and "classes" in ckpt:
-            return (f"{path}: an image-classification checkpoint (medseg-dpl classify); export "
-                    "writes 3D segmentation bundles only")
-    return str(exc)
+    return str(exc)   # the loader's own message (a classification checkpoint is named there)
 
 
 def read_checkpoint(path: str | os.PathLike, modality: str | None = None):

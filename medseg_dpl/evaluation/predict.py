@@ -69,6 +69,9 @@ def load_checkpoint_model(checkpoint: str | os.PathLike, device=None) -> LoadedM
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt file, not a torch pickle, or non-plain types
         raise PredictError(f"{path}: cannot read checkpoint ({exc})") from exc
+    if isinstance(ckpt, dict) and "dataset" not in ckpt and "classes" in ckpt:
+        raise PredictError(f"{path}: an image-classification checkpoint (medseg-dpl classify); "
+                           "predict, eval and export take 3D segmentation checkpoints (medseg-dpl train)")
     for key in ("config", "model", "dataset"):
         if not isinstance(ckpt, dict) or key not in ckpt:
             raise PredictError(f"{path}: not a medseg-dpl checkpoint (missing {key!r})")
