@@ -58,10 +58,6 @@ def _dist_setup(device: torch.device) -> tuple[int, int]:
     return 0, 1
 
 
-def _device(cfg: dict) -> torch.device:
-    return resolve_device(cfg["train"]["device"])
-
-
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
@@ -245,7 +241,7 @@ def train(cfg: dict, out_dir, resume: bool = False) -> dict:
     """
     out_dir = Path(out_dir)
     t, d, m = cfg["train"], cfg["data"], cfg["method"]
-    device = _device(cfg)
+    device = resolve_device(cfg["train"]["device"])
     rank, world = _dist_setup(device)
     if t["deterministic"]:
         torch.use_deterministic_algorithms(True)

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from medseg_dpl.methods.losses import SUP_LOSSES, supervised_loss
+from medseg_dpl.methods.losses import SUP_LOSSES, supervised_loss, weighted_dice_ce
 
 
 def sigmoid_rampup(step: int, length: int) -> float:
@@ -166,7 +166,6 @@ class CoTraining(Algorithm):
         """A method's class weights ``(C,)`` on the labeled ``(B, C, *)`` logits, ``(B, *)`` labels:
         ``shared`` on the shared loss (``loss.name``, so only the weights differ from the other
         methods), ``published`` on DHC's repository form (weighted CE + weighted batch Dice)."""
-        from medseg_dpl.methods.losses import weighted_dice_ce
         if form == "shared":
             return supervised_loss(logits, target, self.sup_loss_name, weight, self.ce_offset())
         if form == "published":
