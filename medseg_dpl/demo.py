@@ -40,6 +40,13 @@ ALIASES = {
     # the small-organ additions together (labeled logit adjustment τ_l = 1, class-balanced
     # unsupervised CE, per-class thresholds with background fixed), on DebiasPL and on FixMatch
     # (a gain counts for debiasing only if FixMatch with the same additions does not have it)
+    # each small-organ addition alone (τ_l = 0.5: τ_l = 1 over-predicted the rare organs on
+    # eval), on the method and its control
+    "supervised_la": ("supervised", ["loss.logit_adjust=0.5"]),
+    "fixmatch_la": ("fixmatch", ["loss.logit_adjust=0.5"]),
+    "debiaspl_la": ("debiaspl", ["loss.logit_adjust=0.5"]),
+    "fixmatch_balanced": ("fixmatch", ["method.unsup_loss=balanced_ce"]),
+    "debiaspl_balanced": ("debiaspl", ["method.unsup_loss=balanced_ce"]),
     "debiaspl_rare": ("debiaspl", ["loss.logit_adjust=1.0", "method.unsup_loss=balanced_ce",
                                    "method.class_thresholds=true"]),
     "fixmatch_rare": ("fixmatch", ["loss.logit_adjust=1.0", "method.unsup_loss=balanced_ce",
