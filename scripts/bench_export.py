@@ -5,7 +5,7 @@
                                    [--repeat 3] [--cli] [--json OUT.json]
 
 Without ``--checkpoint``, a phantom checkpoint is trained first (8 cases of 48 x 48 x 40, 20
-supervised steps, as in tests/test_export.py). Without ``--case``, it runs on one raw phantom
+supervised steps, as in tests/deploy/test_export.py). Without ``--case``, it runs on one raw phantom
 case and on ``../shared/data/real_ct/ct.nii.gz`` when that file exists. Per case, ``predict``
 (in process) and the bundle (``monai.bundle.run`` in process, the function behind
 ``python -m monai.bundle run``) alternate ``--repeat`` times after one untimed warm-up of each.

@@ -10,9 +10,13 @@ tests that need it skip when it is absent.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
+
+# the helper modules (train_helpers, data_helpers, eval_helpers) for tests in every subfolder
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 PHANTOM_SHAPE = (48, 48, 40)
 PHANTOM_CASES = 8

@@ -13,7 +13,7 @@ import torch
 
 from train_helpers import make_tiny_prep
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parents[1]  # tests/: the helper modules
 STEPS, EVERY = 8, 2
 
 # Runs the trainer in a fresh process. SLOW=1 sleeps after each step from step EVERY on, so the

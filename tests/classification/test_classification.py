@@ -33,7 +33,7 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 FAST = ["train.batch_size=16", "method.mu=3", "method.ema_momentum=0.9", "train.eval_every=1000",
         "train.log_every=5"]
 

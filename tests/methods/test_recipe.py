@@ -103,7 +103,7 @@ def test_a_key_the_chosen_variant_ignores_is_an_error_naming_it(method, ov, key)
 
 def test_shipped_configs_have_no_inert_keys():
     from pathlib import Path
-    root = Path(__file__).resolve().parents[1] / "configs"
+    root = Path(__file__).resolve().parents[2] / "configs"
     for name in ("phantom.yaml", "chaos_mr.yaml"):
         for method in ("debiaspl", "cps_depl"):
             cfg = load_config(root / name, [f"method.name={method}", "model.channels=[4,8]",

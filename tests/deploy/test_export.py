@@ -216,7 +216,7 @@ def test_monai_bundle_command_line(bundle, phantom_raw, tmp_path):
 @pytest.fixture(scope="module")
 def classification_ckpt(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("classify") / "run"
-    cfg = Path(__file__).resolve().parents[1] / "configs" / "digits_supervised.yaml"
+    cfg = Path(__file__).resolve().parents[2] / "configs" / "digits_supervised.yaml"
     assert main(["classify", "--config", str(cfg), "--out", str(out), "--no-progress", "train.steps=2",
                  "train.batch_size=16", "train.eval_every=1000", "train.log_every=5"]) == 0
     return out / "checkpoints" / "last.pt"

@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 
 from train_helpers import make_tiny_prep
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parents[1]  # tests/: the helper modules
 
 
 def _free_port() -> int:

@@ -141,7 +141,7 @@ def test_read_split_missing(tmp_path):
 def test_data_prep_synapse_entry_point_writes_the_protocol_splits(phantom_raw, tmp_path, capsys):
     import runpy
 
-    main = runpy.run_path(str(Path(__file__).resolve().parents[1] / "data_prep" / "prepare_synapse.py"))["main"]
+    main = runpy.run_path(str(Path(__file__).resolve().parents[2] / "data_prep" / "prepare_synapse.py"))["main"]
     out = tmp_path / "prep"
     assert main(["--raw", str(phantom_raw), "--out", str(out), "--workers", "1"]) == 0
     for name in ("train", "eval", "test", "labeled_10p", "labeled_20p", "labeled_40p", "unlabeled_40p"):

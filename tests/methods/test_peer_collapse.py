@@ -16,7 +16,7 @@ import pytest
 from medseg_dpl.config import load_config
 from medseg_dpl.engine.defaults import SEG_DEFAULTS
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "phantom.yaml"
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "phantom.yaml"
 
 
 @pytest.mark.parametrize("method", ["dhc", "cld", "cps_depl", "ga"])
