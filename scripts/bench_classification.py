@@ -9,7 +9,7 @@ share) -- the paper's central observation -- both over training (what the studen
 and for the final teacher over the whole unlabeled set.
 
     python scripts/bench_classification.py                      # 2 labels/class, seeds 0 1 2
-    python scripts/bench_classification.py --json bench.json method.ema_momentum=0.9
+    python scripts/bench_classification.py --json bench.json train.ema_momentum=0.9
 """
 from __future__ import annotations
 
@@ -21,9 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg_dpl.classification.defaults import CLASSIFY_DEFAULTS
+from medseg_dpl.classification.defaults import load_classify_config
 from medseg_dpl.classification.trainer import train_classifier
-from medseg_dpl.config import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 METHODS = ("supervised", "fixmatch", "debiaspl")
@@ -41,9 +40,9 @@ def run(seeds, labels_per_class: int, overrides, threads: int, methods=METHODS) 
     results: dict[str, list] = {m: [] for m in methods}
     for m in methods:
         for s in seeds:
-            cfg = load_config(CONFIGS / f"digits_{m}.yaml",
-                              [f"seed={s}", f"data.labels_per_class={labels_per_class}",
-                               f"train.num_threads={threads}", *overrides], CLASSIFY_DEFAULTS)
+            cfg = load_classify_config(CONFIGS / f"digits_{m}.yaml",
+                                       [f"train.seed={s}", f"data.labels_per_class={labels_per_class}",
+                                        f"train.num_threads={threads}", *overrides])
             t = time.time()
             r = train_classifier(cfg, None, progress=False)
             r["wall_s"] = time.time() - t

@@ -75,8 +75,9 @@ def main() -> None:
         times = []
         for step in range(args.steps + 1):
             t0 = time.perf_counter()
-            optimisation_step(algo, batch, step, opt, scaler, params, cfg["optim"]["grad_clip"], teacher,
+            optimisation_step(algo, batch, step, opt, scaler, params, cfg["optim"]["grad_clip"],
                               torch.device("cpu"), False, torch.bfloat16)
+            teacher.update(algo.student, step)   # the trainer's EMAHook
             times.append(time.perf_counter() - t0)
         times = times[1:]   # the first step allocates
         n_params = sum(p.numel() for p in net.parameters()) / 1e3

@@ -65,8 +65,9 @@ class Runner:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             optimisation_step(self.algo, self.batch, self.step, self.opt, self.scaler, self.params,
-                              self.cfg["optim"]["grad_clip"], self.teacher, self.device,
-                              self.use_amp, self.dtype)
+                              self.cfg["optim"]["grad_clip"], self.device, self.use_amp, self.dtype)
+            if self.teacher is not None:   # the trainer's EMAHook
+                self.teacher.update(self.algo.student, self.step)
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)

@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 from medseg_dpl.classification.datasets import DatasetError
-from medseg_dpl.classification.defaults import CLASSIFY_DEFAULTS
+from medseg_dpl.classification.defaults import load_classify_config
 from medseg_dpl.classification.trainer import train_classifier
-from medseg_dpl.config import ConfigError, load_config
+from medseg_dpl.config import ConfigError
 
 
 def register(subparsers) -> None:
@@ -17,13 +17,14 @@ def register(subparsers) -> None:
         "classify", help="semi-supervised image classification (supervised/FixMatch/DebiasPL)",
         description="Train an image classifier with supervised, FixMatch (EMA teacher) or "
                     "DebiasPL on digits or an ImageFolder folder; prints top-1 on the held-out part.")
-    p.add_argument("--config", required=True, help="YAML config (keys of CLASSIFY_DEFAULTS)")
+    p.add_argument("--config", required=True,
+                   help="YAML config (keys of CLASSIFY_DEFAULTS; the deprecated ones translated)")
     p.add_argument("--out", default=None,
                    help="run folder for TensorBoard, checkpoint and results "
                         "(default runs/classify/<config name>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="dotted overrides, e.g. method.tau=0.5 train.steps=200")
+                   help="dotted overrides, e.g. debias.tau=0.5 train.steps=200")
     p.set_defaults(func=run_classify)
 
 
@@ -33,7 +34,7 @@ def _fmt(x: float) -> str:
 
 def run_classify(args: argparse.Namespace) -> int:
     try:
-        cfg = load_config(args.config, args.overrides, CLASSIFY_DEFAULTS)
+        cfg = load_classify_config(args.config, args.overrides)
         out = Path(args.out) if args.out else Path("runs/classify") / Path(args.config).stem
         res = train_classifier(cfg, out, progress=not args.no_progress)
     except (ConfigError, DatasetError, ValueError) as exc:

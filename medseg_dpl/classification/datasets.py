@@ -287,17 +287,17 @@ def load_folder_data(root: str | Path, image_size: int, seed: int, labeled_index
 
 
 def build_data(cfg: dict) -> ClassificationData:
-    """The data a classify config asks for (``cfg["data"]``, ``cfg["seed"]``)."""
+    """The data a classify config asks for (``cfg["data"]``, ``cfg["train"]["seed"]``)."""
     d = cfg["data"]
     if d["dataset"] == "digits":
-        return load_digits_data(d["labels_per_class"], cfg["seed"], d["test_fraction"],
-                                d["test_seed"])
+        return load_digits_data(d["labels_per_class"], cfg["train"]["seed"],
+                                d["test_fraction"], d["test_seed"])
     if d["dataset"] == "folder":
         if not d["root"]:
             raise DatasetError("data.root: required for data.dataset=folder")
-        return load_folder_data(d["root"], d["image_size"], cfg["seed"], d["labeled_index"],
-                                d["labels_per_class"], d["test_root"], d["test_fraction"],
-                                d["test_seed"], d["channels"])
+        return load_folder_data(d["root"], d["image_size"], cfg["train"]["seed"],
+                                d["labeled_index"], d["labels_per_class"], d["test_root"],
+                                d["test_fraction"], d["test_seed"], d["channels"])
     raise DatasetError(f"data.dataset: unknown data set {d['dataset']!r} (digits, folder)")
 
 

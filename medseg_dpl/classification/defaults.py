@@ -1,11 +1,23 @@
 """``CLASSIFY_DEFAULTS``: the schema (and defaults) of a ``medseg-dpl classify`` config.
 
-Use with :func:`medseg_dpl.config.load_config`; a key that is not here is an error.
+Keys that mean the same as in ``medseg-dpl train`` have its names and places
+(``medseg_dpl/engine/defaults.py``: ``train.seed``, ``debias.tau``, ``train.val_every``, ...).
+Load with :func:`load_classify_config`: it is :func:`medseg_dpl.config.load_config` plus the
+translation of the keys of earlier releases (:data:`LEGACY_KEYS`, deprecated).
 """
 from __future__ import annotations
 
+import copy
+import logging
+import warnings
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import yaml
+
+from medseg_dpl.config import ConfigError, parse_override, set_dotted
+
 CLASSIFY_DEFAULTS: dict = {
-    "seed": 0,                      # model init, augmentation, and which images are labeled
     "data": {
         "dataset": "digits",        # "digits" (scikit-learn load_digits, 8x8) or "folder"
         "labels_per_class": 2,      # labeled images per class when no labeled_index is given
@@ -26,13 +38,15 @@ CLASSIFY_DEFAULTS: dict = {
         "name": "debiaspl",         # "supervised", "fixmatch" (EMA teacher) or "debiaspl"
         "threshold": 0.7,           # confidence threshold of the pseudo-labels
         "lambda_u": 1.0,            # weight of the unlabeled loss
-        "mu": 7,                    # unlabeled batch = mu x labeled batch
-        "ema_momentum": 0.999,      # EMA teacher (EMAN): θ_t <- m·θ_t + (1-m)·θ_s; keep 1/(1-m)
-                                    # well below train.steps (digits configs: 0.95)
+    },
+    "debias": {
         "tau": 0.4,                 # debiasing strength τ (DebiasPL)
-        "qhat_momentum": 0.999,     # q̂ <- m·q̂ + (1-m)·mean softmax(teacher logits)
-        "prior": "uniform",         # reference prior π: "uniform" or "labeled" (class frequencies)
-        "teacher_logits": None,     # .npy (num_unlabeled, C): pseudo-labels from external logits
+        "momentum": 0.999,          # q̂ <- m·q̂ + (1-m)·mean softmax(teacher logits)
+        "reference": "uniform",     # reference prior π: "uniform" or "labeled_prior" (class
+                                    # frequencies of the labeled images)
+    },
+    "teacher": {
+        "logits": None,             # .npy (num_unlabeled, C): pseudo-labels from external logits
     },
     "optim": {
         "lr": 0.03,
@@ -44,13 +58,109 @@ CLASSIFY_DEFAULTS: dict = {
     "train": {
         "steps": 500,
         "batch_size": 32,           # labeled images per step
-        "eval_every": 100,
+        "unlabeled_batch_size": 224,  # unlabeled images per step (FixMatch: mu = 7 x batch_size)
+        "seed": 0,                  # model init, augmentation, and which images are labeled
+        "amp": "none",              # none | bf16 | fp16 (fp16 with a GradScaler on CUDA); autocast
+                                    # on the CPU too
+        "ema_momentum": 0.999,      # EMA teacher (EMAN): θ_t <- m·θ_t + (1-m)·θ_s; keep 1/(1-m)
+                                    # well below train.steps (digits configs: 0.95)
+        "val_every": 100,           # steps between top-1 evaluations on the held-out part
         "log_every": 10,
         "device": "auto",           # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
-        "amp": False,               # bfloat16 autocast
         "num_threads": 0,           # CPU intra-op threads; 0 = torch's default. 1 is much faster
                                     # for these tiny models on a busy machine
     },
 }
 
 METHODS = ("supervised", "fixmatch", "debiaspl")
+
+# Deprecated for one release: old dotted key -> its name in the segmentation trainer's schema.
+LEGACY_KEYS = {
+    "seed": "train.seed",
+    "method.mu": "train.unlabeled_batch_size",   # a ratio: unlabeled = mu x train.batch_size
+    "method.ema_momentum": "train.ema_momentum",
+    "method.tau": "debias.tau",
+    "method.qhat_momentum": "debias.momentum",
+    "method.prior": "debias.reference",          # labeled -> labeled_prior
+    "method.teacher_logits": "teacher.logits",
+    "train.eval_every": "train.val_every",
+    "train.amp": "train.amp",                    # true/false -> bf16/none
+}
+_LEGACY_VALUES = {"method.prior": {"labeled": "labeled_prior"},
+                  "train.amp": {True: "bf16", False: "none"}}
+
+log = logging.getLogger("medseg_dpl.classify")
+
+
+def _read_yaml(path: Path) -> Mapping:
+    """A config file's top-level mapping, unvalidated (the checks and messages of load_config)."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def _flat(d: Mapping, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (non-empty mappings expanded, the rest are leaves)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def translate_legacy_keys(cfg: Mapping, batch_size: int = CLASSIFY_DEFAULTS["train"]["batch_size"],
+                          source: str = "overrides") -> dict:
+    """``{dotted key: value}`` of one config source (a YAML file, or all overrides) with every
+    deprecated key of :data:`LEGACY_KEYS` under its new name and value. Each one found emits a
+    ``DeprecationWarning`` and a logged warning; an old and a new key with different values are a
+    :class:`ConfigError` naming both. ``method.mu`` becomes ``mu x train.batch_size``: the
+    source's own batch size, else ``batch_size`` (the config's so far). ``source`` names it in
+    the warnings."""
+    out = dict(cfg)
+    for old, new in LEGACY_KEYS.items():
+        if old not in out or (old == "train.amp" and not isinstance(out[old], bool)):
+            continue
+        raw = value = out.pop(old)
+        if old == "method.mu":
+            b = out.get("train.batch_size", batch_size)
+            for key, v in ((old, raw), ("train.batch_size", b)):
+                if isinstance(v, bool) or not isinstance(v, int):
+                    raise ConfigError(f"{key}: expected an integer, got {v!r}")
+            value = raw * b
+        if isinstance(value, (str, bool)):
+            value = _LEGACY_VALUES.get(old, {}).get(value, value)
+        if new in out and out[new] != value:
+            raise ConfigError(f"{old}={raw!r} (deprecated) and {new}={out[new]!r} are both given, "
+                              f"with different values; keep only {new}")
+        out[new] = value
+        msg = f"{source}: config key {old}={raw!r} is deprecated, use {new}={value!r}"
+        warnings.warn(msg, DeprecationWarning, stacklevel=3)
+        log.warning("warning: %s", msg)  # DeprecationWarning is hidden by default outside __main__
+    return out
+
+
+def load_classify_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> dict:
+    """``CLASSIFY_DEFAULTS`` <- YAML file <- ``key.sub=value`` overrides, validated as by
+    :func:`load_config`; the deprecated keys of the file, then of the overrides (all together:
+    an old and a new key among them may not disagree), are translated first."""
+    cfg = copy.deepcopy(CLASSIFY_DEFAULTS)
+    if path is not None:
+        path = Path(path)
+        data = _flat(_read_yaml(path))
+        try:
+            for key, value in translate_legacy_keys(data, source=str(path)).items():
+                cfg = set_dotted(cfg, key, value)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+    pairs = dict(parse_override(text) for text in overrides)
+    for key, value in translate_legacy_keys(pairs, cfg["train"]["batch_size"]).items():
+        cfg = set_dotted(cfg, key, value)
+    return cfg

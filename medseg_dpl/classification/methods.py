@@ -65,21 +65,22 @@ class PseudoLabelMethod(nn.Module):
         return PseudoLabelStep(loss, labels, mask, probs)
 
 
-def build_method(method_cfg: dict, num_classes: int,
+def build_method(cfg: dict, num_classes: int,
                  labeled_counts: Optional[torch.Tensor] = None) -> Optional[PseudoLabelMethod]:
-    """The unlabeled part of ``method_cfg["name"]``; ``None`` for supervised."""
-    name = method_cfg["name"]
+    """The unlabeled part of ``cfg["method"]["name"]`` (``cfg``: a classify config, its ``debias``
+    section for τ, q̂ momentum and reference prior); ``None`` for supervised."""
+    name, d = cfg["method"]["name"], cfg["debias"]
     if name == "supervised":
         return None
     if name not in ("fixmatch", "debiaspl"):
         raise ValueError(f"method.name: unknown method {name!r} (supervised, fixmatch, debiaspl)")
     prior = None
-    if method_cfg["prior"] == "labeled":
+    if d["reference"] == "labeled_prior":
         if labeled_counts is None:
-            raise ValueError("method.prior=labeled needs the labeled class counts")
+            raise ValueError("debias.reference=labeled_prior needs the labeled class counts")
         prior = labeled_counts.float() / labeled_counts.sum()
-    elif method_cfg["prior"] != "uniform":
-        raise ValueError(f"method.prior: expected 'uniform' or 'labeled', got {method_cfg['prior']!r}")
-    return PseudoLabelMethod(num_classes, method_cfg["threshold"], debias=name == "debiaspl",
-                             tau=method_cfg["tau"], qhat_momentum=method_cfg["qhat_momentum"],
-                             prior=prior)
+    elif d["reference"] != "uniform":
+        raise ValueError(f"debias.reference: expected 'uniform' or 'labeled_prior', "
+                         f"got {d['reference']!r}")
+    return PseudoLabelMethod(num_classes, cfg["method"]["threshold"], debias=name == "debiaspl",
+                             tau=d["tau"], qhat_momentum=d["momentum"], prior=prior)

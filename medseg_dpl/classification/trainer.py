@@ -2,8 +2,8 @@
 
 One step (FixMatch / DebiasPL):
 
-1. labeled batch ``(B, C, H, W)`` -> weak augmentation; unlabeled batch ``(mu·B, C, H, W)`` ->
-   a weak and a strong view;
+1. labeled batch ``(B, C, H, W)`` -> weak augmentation; unlabeled batch ``(U, C, H, W)``
+   (``train.batch_size``, ``train.unlabeled_batch_size``) -> a weak and a strong view;
 2. the EMA teacher (eval mode, EMAN) gives logits on the weak view -- or, in teacher mode, the
    rows of the external teacher's logits file for these images;
 3. the student sees ``[labeled_weak, unlabeled_strong]`` in one forward (shared BN statistics);
@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from medseg_dpl.checkpoint import save_checkpoint
 from medseg_dpl.classification.augment import augmentations
 from medseg_dpl.classification.datasets import (ClassificationData, DatasetError, ImageSet,
                                                 build_data, infinite_batches, ordered_batches)
@@ -35,7 +36,7 @@ from medseg_dpl.classification.models import build_classifier
 from medseg_dpl.config import ConfigError, save_config
 from medseg_dpl.core.debias import debiased_probs, pseudo_labels
 from medseg_dpl.core.ema import ModelEMA
-from medseg_dpl.utils import atomic_path, resolve_device, seed_everything
+from medseg_dpl.utils import resolve_device, seed_everything
 
 
 
@@ -105,15 +106,20 @@ def _lr_factor(schedule: str, step: int, total: int) -> float:
     raise ConfigError(f"optim.schedule: expected 'cosine' or 'constant', got {schedule!r}")
 
 
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def _check(cfg: dict) -> None:
-    m = cfg["method"]
+    m, t = cfg["method"], cfg["train"]
     if m["name"] not in METHODS:
         raise ConfigError(f"method.name: unknown method {m['name']!r} ({', '.join(METHODS)})")
-    if m["teacher_logits"] and m["name"] == "supervised":
-        raise ConfigError("method.teacher_logits: needs method.name fixmatch or debiaspl")
-    for key, ok in (("train.steps", cfg["train"]["steps"] > 0),
-                    ("train.batch_size", cfg["train"]["batch_size"] > 0),
-                    ("method.mu", m["mu"] > 0), ("method.threshold", 0 <= m["threshold"] <= 1),
+    if cfg["teacher"]["logits"] and m["name"] == "supervised":
+        raise ConfigError("teacher.logits: needs method.name fixmatch or debiaspl")
+    if t["amp"] not in AMP_DTYPES:
+        raise ConfigError(f"train.amp: expected one of {', '.join(AMP_DTYPES)}, got {t['amp']!r}")
+    for key, ok in (("train.steps", t["steps"] > 0), ("train.batch_size", t["batch_size"] > 0),
+                    ("train.unlabeled_batch_size", t["unlabeled_batch_size"] > 0),
+                    ("method.threshold", 0 <= m["threshold"] <= 1),
                     ("data.labels_per_class", cfg["data"]["labels_per_class"] > 0),
                     ("data.test_fraction", 0 < cfg["data"]["test_fraction"] < 1)):
         if not ok:
@@ -144,7 +150,7 @@ def train_classifier(cfg: dict, out_dir: str | Path | None = None, progress: boo
 
 def _train(cfg: dict, out_dir, progress: bool, data: Optional[ClassificationData]) -> dict:
     t0 = time.time()
-    seed_everything(cfg["seed"])
+    seed_everything(cfg["train"]["seed"])
     device = resolve_device(cfg["train"]["device"])
     data = data if data is not None else build_data(cfg)
     mcfg, tcfg, ocfg = cfg["method"], cfg["train"], cfg["optim"]
@@ -152,14 +158,14 @@ def _train(cfg: dict, out_dir, progress: bool, data: Optional[ClassificationData
     weak, strong = augmentations("digits" if cfg["data"]["dataset"] == "digits" else "natural")
 
     student = build_classifier(cfg["model"], data.in_channels, C, data.image_size).to(device)
-    teacher = ModelEMA(student, mcfg["ema_momentum"])
+    teacher = ModelEMA(student, tcfg["ema_momentum"])
     labeled_counts = torch.bincount(data.labeled.labels, minlength=C)
-    method = build_method(mcfg, C, labeled_counts)
+    method = build_method(cfg, C, labeled_counts)
     if method is not None:
         method.to(device)
     ext_logits = None
-    if mcfg["teacher_logits"]:
-        ext_logits = load_teacher_logits(mcfg["teacher_logits"], len(data.unlabeled), C)
+    if cfg["teacher"]["logits"]:
+        ext_logits = load_teacher_logits(cfg["teacher"]["logits"], len(data.unlabeled), C)
 
     decay, no_decay = [], []
     for p in student.parameters():
@@ -167,16 +173,20 @@ def _train(cfg: dict, out_dir, progress: bool, data: Optional[ClassificationData
     optimizer = torch.optim.SGD([{"params": decay, "weight_decay": ocfg["weight_decay"]},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=ocfg["lr"],
                                 momentum=ocfg["momentum"], nesterov=ocfg["nesterov"])
-    steps, B = tcfg["steps"], tcfg["batch_size"]
+    steps, B, U = tcfg["steps"], tcfg["batch_size"], tcfg["unlabeled_batch_size"]
     sched = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda k: _lr_factor(ocfg["schedule"], k, steps))
 
-    gen = torch.Generator().manual_seed(cfg["seed"])
+    gen = torch.Generator().manual_seed(cfg["train"]["seed"])
     nw = cfg["data"]["num_workers"]
     lab_iter = infinite_batches(data.labeled, B, gen, nw)
-    unl_iter = (infinite_batches(data.unlabeled, B * mcfg["mu"], gen, nw)
-                if method is not None else None)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=tcfg["amp"])
+    unl_iter = infinite_batches(data.unlabeled, U, gen, nw) if method is not None else None
+    amp_dtype = AMP_DTYPES[tcfg["amp"]]
+    amp = torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16,
+                         enabled=amp_dtype is not None)
+    # fp16 gradients underflow without loss scaling; a disabled scaler is a plain backward/step
+    scaler = torch.amp.GradScaler(device.type,
+                                  enabled=tcfg["amp"] == "fp16" and device.type == "cuda")
 
     writer = None
     if out_dir is not None:
@@ -223,8 +233,9 @@ def _train(cfg: dict, out_dir, progress: bool, data: Optional[ClassificationData
                 if mask.any():
                     stats["pseudo/accuracy"] = float((labels[mask] == y_u[mask]).float().mean())
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         sched.step()
         teacher.update(student)
         stats.update({"loss/total": loss.item(), "loss/labeled": loss_x.item(),
@@ -238,7 +249,7 @@ def _train(cfg: dict, out_dir, progress: bool, data: Optional[ClassificationData
                 for c, q in enumerate(method.qhat.tolist()):
                     writer.add_scalar(f"qhat/{data.classes[c]}", q, step)
             window = {}
-        if step % tcfg["eval_every"] == 0 or step == steps:
+        if step % tcfg["val_every"] == 0 or step == steps:
             top1 = evaluate(teacher.module, data.test, device, num_workers=nw)
             top1_student = evaluate(student, data.test, device, num_workers=nw)
             if writer is not None:
@@ -252,7 +263,7 @@ def _train(cfg: dict, out_dir, progress: bool, data: Optional[ClassificationData
             bar.set_postfix(post)
     bar.close()
 
-    results = {"method": mcfg["name"], "seed": cfg["seed"], "steps": steps,
+    results = {"method": mcfg["name"], "seed": cfg["train"]["seed"], "steps": steps,
                "teacher_mode": bool(ext_logits is not None), "top1": top1,
                "top1_student": top1_student, "num_labeled": len(data.labeled),
                "num_unlabeled": len(data.unlabeled), "num_test": len(data.test)}
@@ -261,7 +272,7 @@ def _train(cfg: dict, out_dir, progress: bool, data: Optional[ClassificationData
             "counts": pl_counts.tolist(),
             "share": (pl_counts / max(pl_counts.sum(), 1)).tolist(),
             "imbalance": class_imbalance(pl_counts),
-            "mask_ratio": pl_seen / (steps * B * mcfg["mu"]),
+            "mask_ratio": pl_seen / (steps * U),
             "accuracy": pl_correct / pl_seen if pl_seen else float("nan")}
         if ext_logits is not None:
             final_logits = ext_logits
@@ -284,8 +295,6 @@ def _train(cfg: dict, out_dir, progress: bool, data: Optional[ClassificationData
                 "optimizer": optimizer.state_dict(),
                 "method": method.state_dict() if method is not None else {},
                 "classes": data.classes, "best_metric": top1}
-        (out_dir / "checkpoints").mkdir(exist_ok=True)
-        with atomic_path(out_dir / "checkpoints" / "last.pt") as tmp:
-            torch.save(ckpt, tmp)
+        save_checkpoint(out_dir / "checkpoints" / "last.pt", ckpt, kind="classification")
         (out_dir / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
     return results

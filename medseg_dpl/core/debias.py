@@ -24,6 +24,7 @@ bf16 would round the margin away.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -223,3 +224,82 @@ class ResponseEMA(nn.Module):
             mean = (stats[:-1] / count).to(self.qhat.device)
             self.qhat.mul_(self.momentum).add_(mean, alpha=1.0 - self.momentum)
         return self.qhat
+
+
+# ----------------------------------------------------------------------------- debias options
+@dataclass(frozen=True)
+class DebiasOptions:
+    """``debias.*`` (see ``engine/defaults.py``), parsed once: what the helpers below need.
+
+    ``variant``: ``paper`` (b = log(q̂/ref), q̂ of the softmax or the one-hot argmax) or
+    ``organ_prior`` (q̂ of the raw argmax, b = log(q̂/π) over organs, background 0, clipped).
+    """
+    variant: str
+    tau: float
+    momentum: float
+    masked: bool
+    response: str
+    reference: str
+    include_background: bool
+    b_max: float
+
+    CHOICES = {"variant": ("paper", "organ_prior"), "response": ("soft", "hard"),
+               "reference": ("labeled_prior", "uniform")}
+
+    @classmethod
+    def from_section(cls, section: dict) -> "DebiasOptions":
+        """From ``cfg["debias"]``; a bad choice is a ``ValueError`` naming ``debias.<key>``."""
+        for key, allowed in cls.CHOICES.items():
+            if section[key] not in allowed:
+                raise ValueError(f"debias.{key}: expected one of {', '.join(allowed)}, got {section[key]!r}")
+        return cls(**{f: section[f] for f in cls.__dataclass_fields__})
+
+    @property
+    def hard(self) -> bool:
+        """q̂ counts hard labels (always for ``organ_prior``)."""
+        return self.variant == "organ_prior" or self.response == "hard"
+
+    def bias_kwargs(self) -> dict:
+        """``ignore_index`` / ``clip`` keyword arguments of :func:`log_bias` and friends."""
+        if self.variant == "organ_prior":
+            return {"ignore_index": 0, "clip": self.b_max}
+        # a hard q̂ of a never-predicted class decays towards 0 (log -> -inf): every hard variant
+        # is clipped; the soft paper form is not (its q̂ never reaches 0)
+        return {"clip": self.b_max} if self.response == "hard" else {}
+
+
+def reference_prior(opts: DebiasOptions, prior: torch.Tensor, qhat: torch.Tensor) -> torch.Tensor:
+    """The reference ``(C,)`` q̂ is compared with: π (``organ_prior``, or ``labeled_prior``; the
+    organ renormalisation happens in ``ignore_index``), ones for ``uniform`` (log 1 = 0: the
+    paper's plain log q̂); ``include_background=false`` sets ref[0] = q̂[0] (background's bias 0)."""
+    if opts.variant == "organ_prior" or opts.reference == "labeled_prior":
+        ref = prior.float().clone()
+    else:
+        ref = torch.ones_like(prior, dtype=torch.float32)
+    if opts.variant == "paper" and not opts.include_background:
+        ref[0] = qhat[0].float().clamp_min(EPS)
+    return ref
+
+
+def initial_qhat(opts: DebiasOptions, prior: torch.Tensor) -> torch.Tensor:
+    """q̂'s start ``(C,)``: the reference it is compared with, so b = 0 until evidence arrives."""
+    ref = reference_prior(opts, prior, prior)
+    return ref / ref.sum()
+
+
+def response_probs(logits: torch.Tensor, opts: DebiasOptions) -> torch.Tensor:
+    """What q̂ averages, ``(N, C, *)`` from logits ``(N, C, *)``: the softmax (the paper) or
+    the one-hot argmax (hard)."""
+    probs = torch.softmax(logits.detach().float(), dim=1)
+    if not opts.hard:
+        return probs
+    return F.one_hot(probs.argmax(dim=1), probs.shape[1]).movedim(-1, 1).to(probs.dtype)
+
+
+def update_response(ema: "ResponseEMA", logits: torch.Tensor, opts: DebiasOptions,
+                    mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Fold the teacher's ``(N, C, *)`` logits into ``ema`` (hard labels are counted rather
+    than one-hot encoded: same q̂, less work); ``mask`` ``(N, *)`` keeps some positions."""
+    if opts.hard:
+        return ema.update_labels(logits.detach().argmax(dim=1), mask)
+    return ema.update(response_probs(logits, opts), mask)

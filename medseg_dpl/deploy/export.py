@@ -57,43 +57,30 @@ class ExportError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- checkpoint
-def _refusal(path: Path, exc: Exception) -> str:
-    """Why predict's loader refused ``path``, in words: a corrupt file's cause, else the
-    loader's own message (it names the file, and the classification side by name)."""
-    import zipfile
-
-    if path.is_file():
-        with open(path, "rb") as f:
-            head = f.read(2)
-        if head != b"PK":  # torch.save writes a zip archive
-            return f"{path}: cannot read checkpoint: not a torch checkpoint (the file is not a zip archive)"
-        if not zipfile.is_zipfile(path):
-            return f"{path}: cannot read checkpoint: truncated or corrupt file (its zip archive is broken)"
-    return str(exc)   # the loader's own message (a classification checkpoint is named there)
-
-
 def read_checkpoint(path: str | os.PathLike, modality: str | None = None):
     """``(raw checkpoint dict, LoadedModel, intensity scheme)`` of a segmentation checkpoint.
 
-    Loads with predict's own loader (``load_checkpoint_model``), so the bundle gets exactly the
-    network, classes, spacing, patch, overlap and post-processing predict would use. Refuses,
-    with :class:`ExportError` naming the file: a missing, corrupt or non-torch file, a
-    checkpoint of the classification side (``medseg-dpl classify``), and any other checkpoint
-    predict rejects. ``modality``: for a model trained on CT and MR, the scheme to apply.
+    Reads it with the package's one reader (``medseg_dpl.checkpoint.load_checkpoint``) and builds
+    the network with predict's own loader (``model_from_checkpoint``), so the bundle gets exactly
+    the network, classes, spacing, patch, overlap and post-processing predict would use. Refuses,
+    with :class:`ExportError` naming the file and the cause: a missing, corrupt or non-torch
+    file, a checkpoint of the classification side (``medseg-dpl classify``), a newer format, and
+    any other checkpoint predict rejects. ``modality``: for a model trained on CT and MR, the
+    scheme to apply.
     """
+    from medseg_dpl.checkpoint import CheckpointError, load_checkpoint
     from medseg_dpl.data.preprocess import intensity_kwargs
-    from medseg_dpl.evaluation.predict import PredictError, load_checkpoint_model
+    from medseg_dpl.evaluation.predict import PredictError, model_from_checkpoint
 
     path = Path(path)
     try:
-        lm = load_checkpoint_model(path, "cpu")
+        ckpt = load_checkpoint(path, "segmentation")
+        lm = model_from_checkpoint(path, ckpt, "cpu")
         scheme = intensity_kwargs(lm.intensity, modality)
-    except PredictError as exc:
-        raise ExportError(_refusal(path, exc)) from None
+    except (CheckpointError, PredictError) as exc:  # both name the file and the cause
+        raise ExportError(str(exc)) from None
     except ValueError as exc:  # mixed CT/MR model without --modality, or a wrong one
         raise ExportError(f"{path}: {exc}") from None
-    # the loader read it once already; the raw dict adds step, best metric and training record
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
     return ckpt, lm, scheme
 
 

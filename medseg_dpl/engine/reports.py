@@ -60,7 +60,7 @@ def pseudo_label_report(algo, net: nn.Module, dataset, cfg: dict, classes: list[
     C = len(classes)
     thr = 0.0
     if algo.uses_unlabeled:  # the method's own threshold(s): a float or per-class (C,)
-        thr = algo.thresholds() if hasattr(algo, "thresholds") else cfg["method"]["threshold"]
+        thr = algo.thresholds()
     pl_counts, true_counts = torch.zeros(C, dtype=torch.float64), torch.zeros(C, dtype=torch.float64)
     correct = kept = total = 0
     has_truth = True
@@ -99,10 +99,7 @@ def pseudo_label_report(algo, net: nn.Module, dataset, cfg: dict, classes: list[
               "organ_share": {"labeled": organ_share(prior.double()),
                               "pseudo_label": organ_share(pl_counts),
                               "true": organ_share(true_counts) if has_truth else None}}
-    if hasattr(algo, "qhat"):
-        report["qhat"] = [float(v) for v in algo.qhat]
-    if hasattr(algo, "bias"):
-        report["bias"] = [float(v) for v in algo.bias()]
+    report.update(algo.state_report())   # e.g. q̂ and the bias of the debiasing methods
     return report
 
 

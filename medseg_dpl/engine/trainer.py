@@ -15,13 +15,10 @@ validation history). What is measured lives in :mod:`medseg_dpl.engine.reports`.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import random
-import sys
-import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -30,20 +27,24 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm import tqdm
 
+from medseg_dpl.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from medseg_dpl.config import save_config
 from medseg_dpl.core.ema import ModelEMA, unwrap
 from medseg_dpl.data.manifest import load_manifest, read_split
 from medseg_dpl.data.pipelines import build_dataset
 from medseg_dpl.engine.data import StepBatches, TeacherVolumes, step_loader, step_seed
-from medseg_dpl.engine.reports import CropPseudoLabelStats, pseudo_label_report, validate
+from medseg_dpl.engine.hooks import (CheckpointHook, EMAHook, LoggingHook, ReportHook,
+                                     ValidationHook)
+from medseg_dpl.engine.reports import validate
+from medseg_dpl.errors import MedsegError
 from medseg_dpl.methods import get_method
+from medseg_dpl.methods.base import StepResult
 from medseg_dpl.models import build_model
 from medseg_dpl.utils import atomic_path, resolve_device, seed_everything
 
 
-class TrainingError(RuntimeError):
+class TrainingError(MedsegError, RuntimeError):
     """A run that cannot start or continue (bad data, non-finite loss, nothing to resume)."""
 
 
@@ -124,37 +125,72 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return out
 
 
-# ----------------------------------------------------------------------------- state
-def _rng_state() -> dict:
-    np_state = np.random.get_state()
-    state = {"torch": torch.get_rng_state(),
-             "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                       "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
-             "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+
+@dataclass
+class TrainingData:
+    """What a run trains and validates on (built by :func:`build_sources`)."""
+    root: Path
+    manifest: dict
+    classes: list
+    labeled_ids: list
+    unlabeled_ids: list
+    eval_ids: list
+    prior: torch.Tensor               # π (C,): labeled class shares over the crops the sampler draws
+    sources: dict                     # name -> (dataset, ids, volumes per step)
+    teacher_volumes: Optional[TeacherVolumes]
+    eval_dataset: object              # whole eval volumes (rank 0 only, else None)
+    patch: list
+    unlabeled_split: str
+
+    def report_dataset(self):
+        """Whole unlabeled volumes (the unlabeled split's, for supervised too); the eval
+        pipeline includes a label where the case has one."""
+        ids = self.unlabeled_ids or read_split(self.root, self.unlabeled_split)
+        return build_dataset(self.root, ids, "eval", self.patch, len(self.classes), 1, False)
+
+    @property
+    def dataset_record(self) -> dict:
+        """The checkpoint's ``dataset``: what predict needs to rebuild the input geometry."""
+        m = self.manifest
+        return {"classes": self.classes, "spacing": list(m.get("spacing", [])),
+                "orientation": m.get("orientation", "RAS"), "intensity": m.get("intensity", {})}
 
 
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    p = state["python"]
-    random.setstate((p[0], tuple(p[1]), p[2]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _plain(x):
-    """numpy scalars -> python numbers (checkpoints must load with weights_only=True)."""
-    if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    if isinstance(x, np.generic):
-        return x.item()
-    return x
+def build_sources(cfg: dict, rank: int = 0) -> TrainingData:
+    """Read PREP_DIR's manifest and splits and build the labeled / unlabeled / eval datasets."""
+    d, t = cfg["data"], cfg["train"]
+    root = Path(d["root"])
+    if not (root / "dataset.json").is_file():
+        raise TrainingError(f"data.root: {root / 'dataset.json'} does not exist (run medseg-dpl prep)")
+    manifest = load_manifest(root)
+    classes = list(manifest["classes"])
+    C, patch = len(classes), list(d["patch_size"])
+    labeled_ids, eval_ids = read_split(root, d["labeled_split"]), read_split(root, d["eval_split"])
+    if cfg["eval"]["max_cases"]:
+        eval_ids = eval_ids[: cfg["eval"]["max_cases"]]
+    semi = get_method(cfg["method"]["name"]).uses_unlabeled
+    unlabeled_ids = read_split(root, d["unlabeled_split"]) if semi else []
+    prior = labeled_prior(root, manifest, labeled_ids, C, patch)
+    sources = {"labeled": (build_dataset(root, labeled_ids, "labeled", patch, C, d["num_samples"], d["cache"],
+                                         spatial=d["spatial_aug"]), labeled_ids, t["batch_size"])}
+    # crop-level pseudo-label diagnostics need the unlabeled cases' truth (the phantom has it);
+    # the method never sees it (the trainer takes "truth" out of the batch)
+    by_id = {c["id"]: c for c in manifest["cases"]}
+    with_truth = bool(unlabeled_ids) and all(by_id[i].get("label") for i in unlabeled_ids)
+    if unlabeled_ids:
+        sources["unlabeled"] = (build_dataset(root, unlabeled_ids, "unlabeled", patch, C, d["num_samples"],
+                                              d["cache"], spatial=d["spatial_aug"], with_truth=with_truth),
+                                unlabeled_ids, t["unlabeled_batch_size"])
+    teacher_vols = None
+    if cfg["teacher"]["predictions"]:
+        if not unlabeled_ids:
+            raise TrainingError("teacher.predictions needs a semi-supervised method.name")
+        teacher_vols = TeacherVolumes(cfg["teacher"]["predictions"], str(root), manifest, C,
+                                      cfg["teacher"]["smoothing"])
+        teacher_vols.check(unlabeled_ids)
+    eval_ds = build_dataset(root, eval_ids, "eval", patch, C, 1, d["cache"]) if rank == 0 else None
+    return TrainingData(root, manifest, classes, labeled_ids, unlabeled_ids, eval_ids, prior, sources,
+                        teacher_vols, eval_ds, patch, d["unlabeled_split"])
 
 
 def poly_lr(base: float, step: int, steps: int, power: float, warmup: int = 0) -> float:
@@ -207,259 +243,163 @@ class NonFiniteLoss(ArithmeticError):
 
 
 def optimisation_step(algo, batch: dict, step: int, optimizer, scaler, params, grad_clip: float,
-                      teacher: Optional[ModelEMA], device: torch.device, use_amp: bool,
-                      amp_dtype: torch.dtype, world: int = 1) -> tuple[torch.Tensor, dict]:
-    """Forward under autocast, finite check, backward, clip, optimiser step, EMA teacher update.
+                      device: torch.device, use_amp: bool, amp_dtype: torch.dtype,
+                      world: int = 1) -> StepResult:
+    """Forward under autocast, finite check, backward, clip, optimiser step (the EMA teacher
+    follows in :class:`~medseg_dpl.engine.hooks.EMAHook`).
 
     Raises :class:`NonFiniteLoss` before touching any weight when the loss is not finite.
     """
     with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
-        loss, logs = algo.train_step(batch, step)
-    finite = torch.isfinite(loss.detach()).float()
+        out = algo.train_step(batch, step)
+    finite = torch.isfinite(out.loss.detach()).float()
     if world > 1:  # every rank must stop together
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     if finite.item() < 1:
-        raise NonFiniteLoss(str(loss.item()))
+        raise NonFiniteLoss(str(out.loss.item()))
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+    scaler.scale(out.loss).backward()
     if grad_clip > 0:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
     scaler.step(optimizer)
     scaler.update()
-    if teacher is not None:
-        teacher.update(algo.student, step)
-    return loss, logs
+    return out
 
 
 # ----------------------------------------------------------------------------- the run
+class Trainer:
+    """One run of ``medseg-dpl train``: set up in the constructor, :meth:`run` is the loop.
+
+    Run state the hooks read and write: ``start``, ``done`` (finished steps), ``best`` /
+    ``best_step``, ``history`` (validations), ``crop_history``, ``last_dice``, ``result``.
+    """
+
+    def __init__(self, cfg: dict, out_dir, resume: bool = False):
+        self.cfg, self.out_dir, t = cfg, Path(out_dir), cfg["train"]
+        self.device = resolve_device(t["device"])
+        self.rank, self.world = _dist_setup(self.device)
+        if t["deterministic"]:
+            torch.use_deterministic_algorithms(True)
+        if self.rank == 0:
+            (self.out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            with atomic_path(self.out_dir / "config.yaml") as tmp:
+                save_config(cfg, tmp)
+        self.barrier()
+        self.log = _logger(self.out_dir, self.rank)
+        self.writer = None
+        if self.rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(self.out_dir / "tb"))
+        self.data = build_sources(cfg, self.rank)
+        self.classes, self.steps = self.data.classes, t["steps"]
+        self.algo, self.teacher, self.optimizer, self.scaler, self.params = build_training(
+            cfg, len(self.classes), self.data.prior, self.device, self.world)
+        self.use_amp = self.device.type == "cuda" and t["amp"] != "none"
+        self.amp_dtype = torch.float16 if t["amp"] == "fp16" else torch.bfloat16
+        self.start, self.best, self.best_step = 0, -math.inf, -1
+        self.history, self.crop_history, self.last_dice, self.result = [], [], None, {}
+        self.truth, self.lr, self.done = None, 0.0, 0
+        if resume:
+            self.resume()
+        logger = LoggingHook()
+        self.hooks = [EMAHook(), logger, ValidationHook(logger), CheckpointHook(), ReportHook()]
+
+    def run(self) -> dict:
+        """Train ``train.steps`` steps (from the resumed step), then the final reports."""
+        t, o = self.cfg["train"], self.cfg["optim"]
+        batches = StepBatches(self.data.sources, t["seed"], self.rank, self.world, self.data.teacher_volumes,
+                              self.data.patch)
+        loader = step_loader(batches, self.start, self.steps, self.cfg["data"]["num_workers"])
+        try:
+            self.call("before_run")
+            self.algo.train()
+            for step, raw in zip(range(self.start, self.steps), loader):
+                batch = {}
+                for part in raw.values():
+                    batch.update(_to_device(part, self.device))
+                self.truth = batch.pop("truth", None)
+                self.lr = poly_lr(o["lr"], step, self.steps, o["poly_power"], o["warmup_steps"])
+                for g in self.optimizer.param_groups:
+                    g["lr"] = self.lr
+                seed_everything(step_seed(t["seed"], step, self.rank, 999))  # dropout etc.: a function of the step
+                try:
+                    out = optimisation_step(self.algo, batch, step, self.optimizer, self.scaler, self.params,
+                                            o["grad_clip"], self.device, self.use_amp, self.amp_dtype, self.world)
+                except NonFiniteLoss as exc:
+                    msg = (f"non-finite loss ({exc}) at step {step}: stopping; the last good "
+                           f"checkpoint ({self.out_dir / 'checkpoints' / 'last.pt'}) is kept")
+                    self.log.error(msg)
+                    raise TrainingError(msg) from None
+                self.done = step + 1
+                self.call("after_step", out)
+                self.barrier()
+            for hook in self.hooks:
+                hook.close()
+            self.result = {"step": self.steps, "best_metric": float(self.best), "best_step": self.best_step,
+                           "val_history": self.history}
+            self.call("after_run")
+        finally:
+            self.close()
+        self.barrier()
+        return self.result
+
+    # --- used by run() and the hooks -----------------------------------------------------
+    def call(self, point: str, *args) -> None:
+        for hook in self.hooks:
+            getattr(hook, point)(self, *args)
+
+    def barrier(self) -> None:
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+
+    def validate(self):
+        """Per-organ Dice ``(C-1,)`` of the inference network on the eval volumes (rank 0)."""
+        self.last_dice = validate(unwrap(self.algo.inference_network()), self.data.eval_dataset, self.cfg,
+                                  len(self.classes), self.device)
+        return self.last_dice
+
+    def save(self, name: str) -> None:
+        """``checkpoints/<name>.pt``: everything :meth:`resume` needs (see medseg_dpl.checkpoint)."""
+        algo = self.algo
+        state = {"step": self.done, "config": self.cfg, "model": unwrap(algo.inference_network()).state_dict(),
+                 "teacher": self.teacher.module.state_dict() if self.teacher is not None else None,
+                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                 "method": algo.method_state(), "rng": rng_state(), "dataset": self.data.dataset_record,
+                 "best_metric": float(self.best), "best_step": self.best_step}
+        for k, net in algo.trained_networks().items():
+            state[k] = unwrap(net).state_dict()
+        save_checkpoint(self.out_dir / "checkpoints" / f"{name}.pt", state, kind="segmentation")
+
+    def resume(self) -> None:
+        path = self.out_dir / "checkpoints" / "last.pt"
+        if not path.is_file():
+            raise TrainingError(f"--resume: {path} does not exist")
+        ck = load_checkpoint(path, "segmentation", map_location=self.device)
+        for name, net in self.algo.trained_networks().items():
+            unwrap(net).load_state_dict(ck[name])
+        if self.teacher is not None:
+            self.teacher.module.load_state_dict(ck["teacher"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.scaler.load_state_dict(ck["scaler"])
+        self.algo.load_method_state(ck["method"])
+        set_rng_state(ck["rng"])
+        self.start, self.best, self.best_step = ck["step"], ck["best_metric"], ck.get("best_step", -1)
+        self.done = self.start
+        self.log.info(f"resumed from {path} at step {self.start}")
+
+    def close(self) -> None:
+        for hook in getattr(self, "hooks", []):
+            hook.close()
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
 def train(cfg: dict, out_dir, resume: bool = False) -> dict:
     """Train as ``cfg`` says (a config merged with ``SEG_DEFAULTS``), writing ``out_dir``.
 
     Returns the final metrics: ``{"step", "best_metric", "best_step", "final_dice_mean",
     "final_dice": {organ: dice}, "pseudo_labels": path}``. Raises :class:`TrainingError`.
     """
-    out_dir = Path(out_dir)
-    t, d, m = cfg["train"], cfg["data"], cfg["method"]
-    device = resolve_device(cfg["train"]["device"])
-    rank, world = _dist_setup(device)
-    if t["deterministic"]:
-        torch.use_deterministic_algorithms(True)
-    if rank == 0:
-        (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        with atomic_path(out_dir / "config.yaml") as tmp:
-            save_config(cfg, tmp)
-    _barrier()
-    log = _logger(out_dir, rank)
-    writer = None
-    if rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(str(out_dir / "tb"))
-
-    # data ---------------------------------------------------------------------------------
-    root = Path(d["root"])
-    if not (root / "dataset.json").is_file():
-        raise TrainingError(f"data.root: {root / 'dataset.json'} does not exist (run medseg-dpl prep)")
-    manifest = load_manifest(root)
-    classes = list(manifest["classes"])
-    C = len(classes)
-    labeled_ids = read_split(root, d["labeled_split"])
-    eval_ids = read_split(root, d["eval_split"])
-    if cfg["eval"]["max_cases"]:
-        eval_ids = eval_ids[: cfg["eval"]["max_cases"]]
-    method_cls = get_method(m["name"])
-    unlabeled_ids = read_split(root, d["unlabeled_split"]) if method_cls.uses_unlabeled else []
-    patch = list(d["patch_size"])
-    prior = labeled_prior(root, manifest, labeled_ids, C, patch)
-    sources = {"labeled": (build_dataset(root, labeled_ids, "labeled", patch, C, d["num_samples"], d["cache"],
-                                         spatial=d["spatial_aug"]),
-                           labeled_ids, t["batch_size"])}
-    # crop-level pseudo-label diagnostics need the unlabeled cases' truth (the phantom has it);
-    # the method never sees it (the trainer takes "truth" out of the batch)
-    cases_by_id = {c["id"]: c for c in manifest["cases"]}
-    with_truth = bool(unlabeled_ids) and all(cases_by_id[i].get("label") for i in unlabeled_ids)
-    if unlabeled_ids:
-        sources["unlabeled"] = (build_dataset(root, unlabeled_ids, "unlabeled", patch, C,
-                                              d["num_samples"], d["cache"], spatial=d["spatial_aug"],
-                                              with_truth=with_truth),
-                                unlabeled_ids, t["unlabeled_batch_size"])
-    teacher_vols = None
-    if cfg["teacher"]["predictions"]:
-        if not unlabeled_ids:
-            raise TrainingError("teacher.predictions needs a semi-supervised method.name")
-        teacher_vols = TeacherVolumes(cfg["teacher"]["predictions"], str(root), manifest, C,
-                                      cfg["teacher"]["smoothing"])
-        teacher_vols.check(unlabeled_ids)
-    eval_ds = build_dataset(root, eval_ids, "eval", patch, C, 1, d["cache"]) if rank == 0 else None
-
-    # model, method, optimiser -------------------------------------------------------------
-    algo, teacher, optimizer, scaler, params = build_training(cfg, C, prior, device, world)
-    o = cfg["optim"]
-    use_amp = device.type == "cuda" and t["amp"] != "none"
-    amp_dtype = torch.float16 if t["amp"] == "fp16" else torch.bfloat16
-
-    start, best, best_step = 0, -math.inf, -1
-    ckpt_dir = out_dir / "checkpoints"
-    if resume:
-        path = ckpt_dir / "last.pt"
-        if not path.is_file():
-            raise TrainingError(f"--resume: {path} does not exist")
-        ck = torch.load(path, map_location=device, weights_only=True)
-        for name, net in algo.trained_networks().items():
-            unwrap(net).load_state_dict(ck[name])
-        if teacher is not None:
-            teacher.module.load_state_dict(ck["teacher"])
-        optimizer.load_state_dict(ck["optimizer"])
-        scaler.load_state_dict(ck["scaler"])
-        algo.load_method_state(ck["method"])
-        _set_rng_state(ck["rng"])
-        start, best, best_step = ck["step"], ck["best_metric"], ck.get("best_step", -1)
-        log.info(f"resumed from {path} at step {start}")
-
-    dataset_info = {"classes": classes, "spacing": list(manifest.get("spacing", [])),
-                    "orientation": manifest.get("orientation", "RAS"),
-                    "intensity": manifest.get("intensity", {})}
-
-    def save(step: int, name: str) -> None:
-        ck = {"step": step, "config": cfg,
-              "model": unwrap(algo.inference_network()).state_dict(),
-              "teacher": teacher.module.state_dict() if teacher is not None else None,
-              "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-              "method": algo.method_state(), "rng": _rng_state(), "dataset": dataset_info,
-              "best_metric": float(best), "best_step": best_step}
-        for k, net in algo.trained_networks().items():
-            ck[k] = unwrap(net).state_dict()
-        with atomic_path(ckpt_dir / f"{name}.pt") as tmp:
-            torch.save(_plain(ck), tmp)
-
-    organs = classes[1:]
-    if rank == 0 and start == 0:
-        log.info(f"method {m['name']} on {root}: {len(labeled_ids)} labeled, {len(unlabeled_ids)} "
-                 f"unlabeled, {len(eval_ids)} eval cases; {world} process(es) on {device}")
-        log.info("labeled class share pi: " + ", ".join(f"{c}={v:.4f}" for c, v in zip(classes, prior.tolist())))
-        for c, v in zip(classes, prior.tolist()):
-            writer.add_scalar(f"labeled_share/{c}", v, 0)
-
-    batches = StepBatches({k: v for k, v in sources.items()}, t["seed"], rank, world, teacher_vols, patch)
-    loader = step_loader(batches, start, t["steps"], d["num_workers"])
-    # a bar on a terminal; redirected output gets the log lines instead of bar redraws
-    on_tty = sys.stderr.isatty()
-    bar = tqdm(total=t["steps"], initial=start, disable=rank != 0 or not t["progress"] or not on_tty,
-               desc=f"train {m['name']}", dynamic_ncols=True)
-    echo = rank == 0 and t["progress"] and not on_tty
-    acc: dict[str, list] = {}
-    crop_stats = CropPseudoLabelStats(C)
-    crop_history: list[dict] = []
-    history: list[dict] = []
-    last_dice = None
-    tic = time.perf_counter()
-    algo.train()
-    for step, raw in zip(range(start, t["steps"]), loader):
-        batch = {}
-        for part in raw.values():
-            batch.update(_to_device(part, device))
-        truth = batch.pop("truth", None)
-        lr = poly_lr(o["lr"], step, t["steps"], o["poly_power"], o["warmup_steps"])
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        seed_everything(step_seed(t["seed"], step, rank, 999))  # dropout etc.: a function of the step
-        try:
-            loss, logs = optimisation_step(algo, batch, step, optimizer, scaler, params, o["grad_clip"],
-                                           teacher, device, use_amp, amp_dtype, world)
-        except NonFiniteLoss as exc:
-            msg = (f"non-finite loss ({exc}) at step {step}: stopping; the last good "
-                   f"checkpoint ({ckpt_dir / 'last.pt'}) is kept")
-            log.error(msg)
-            bar.close()
-            if writer:
-                writer.close()
-            raise TrainingError(msg) from None
-        done = step + 1
-        bar.update(1)
-
-        acc.setdefault("loss/total", []).append(float(loss.detach()))
-        if "_pseudo_labels" in logs:
-            crop_stats.add(*logs.pop("_pseudo_labels"), truth[:, 0] if truth is not None else None)
-        for k, v in logs.items():
-            acc.setdefault(k, []).append(v.detach().float().cpu() if isinstance(v, torch.Tensor) else float(v))
-        if rank == 0 and (done % t["log_every"] == 0 or done == t["steps"]):
-            scalars = {k: float(np.mean([float(x) for x in v])) for k, v in acc.items()
-                       if not (isinstance(v[0], torch.Tensor) and v[0].ndim)}
-            scalars["lr"] = lr
-            scalars["sec_per_step"] = (time.perf_counter() - tic) / len(acc["loss/total"])
-            for k, v in scalars.items():
-                writer.add_scalar(k, v, done)
-            line = f"step {done}/{t['steps']} " + " ".join(f"{k}={v:.4g}" for k, v in scalars.items())
-            for k in acc:
-                if isinstance(acc[k][0], torch.Tensor) and acc[k][0].ndim:  # (C,): a curve per class
-                    vec = torch.stack(acc[k]).mean(0) if k == "pl_share" else acc[k][-1]
-                    for c, v in zip(classes, vec.tolist()):
-                        writer.add_scalar(f"{k}/{c}", v, done)
-                    line += f" {k}=[" + " ".join(f"{v:.3f}" for v in vec.tolist()) + "]"
-            if crop_stats.pl.sum() > 0:
-                crop = crop_stats.summary()
-                crop_history.append({"step": done, **crop})
-                for key, vec in crop.items():
-                    names = organs if key.endswith("share") else classes
-                    for c, v in zip(names, vec):
-                        if np.isfinite(v):
-                            writer.add_scalar(f"crop_pl_{key}/{c}", v, done)
-            log.info(line)
-            if echo:
-                print(f"[{m['name']}] {line}", flush=True)
-            bar.set_postfix(loss=f"{scalars['loss/total']:.3f}")
-            acc, tic = {}, time.perf_counter()
-        elif rank != 0 and done % t["log_every"] == 0:
-            acc = {}
-
-        is_last = done == t["steps"]
-        if done % t["val_every"] == 0 or is_last:
-            if rank == 0:
-                dice = validate(unwrap(algo.inference_network()), eval_ds, cfg, C, device)
-                last_dice = dice
-                mean = float(np.nanmean(dice)) if np.isfinite(dice).any() else 0.0
-                for c, v in zip(organs, dice.tolist()):
-                    writer.add_scalar(f"val_dice/{c}", v, done)
-                writer.add_scalar("val_dice/mean", mean, done)
-                history.append({"step": done, "dice_mean": mean,
-                                "dice": {c: float(v) for c, v in zip(organs, dice.tolist())}})
-                msg = (f"validation step {done}: mean Dice {mean:.4f} | " +
-                       " ".join(f"{c}={v:.3f}" for c, v in zip(organs, dice.tolist())))
-                log.info(msg)
-                if echo:
-                    print(f"[{m['name']}] {msg}", flush=True)
-                if mean > best:
-                    best, best_step = mean, done
-                    save(done, "best")
-                    log.info(f"new best {best:.4f} at step {done}")
-            _barrier()
-        if rank == 0 and (done % t["checkpoint_every"] == 0 or is_last):
-            save(done, "last")
-        _barrier()
-    bar.close()
-
-    result = {"step": t["steps"], "best_metric": float(best), "best_step": best_step,
-              "val_history": history}
-    if rank == 0:
-        if last_dice is None:  # resumed at the end: evaluate the final weights once
-            last_dice = validate(unwrap(algo.inference_network()), eval_ds, cfg, C, device)
-        result["final_dice"] = {c: float(v) for c, v in zip(organs, last_dice.tolist())}
-        result["final_dice_mean"] = float(np.nanmean(last_dice)) if np.isfinite(last_dice).any() else 0.0
-        report_ids = unlabeled_ids or read_split(root, d["unlabeled_split"])
-        # whole volumes; the eval pipeline includes a label where the case has one
-        report_ds = build_dataset(root, report_ids, "eval", patch, C, 1, False)
-        report = pseudo_label_report(algo, unwrap(algo.inference_network()), report_ds, cfg, classes, prior, device)
-        report["crop_history"] = crop_history  # confident pseudo-labels of the training crops
-        with atomic_path(out_dir / "pseudo_labels.json") as tmp:
-            tmp.write_text(json.dumps(report, indent=1), encoding="utf-8")
-        result["pseudo_labels"] = str(out_dir / "pseudo_labels.json")
-        log.info(f"done: best mean Dice {best:.4f} at step {best_step}; final {result['final_dice_mean']:.4f}; "
-                 f"pseudo-label share {report['pseudo_label_share']}")
-        with atomic_path(out_dir / "metrics.json") as tmp:
-            tmp.write_text(json.dumps(result, indent=1), encoding="utf-8")
-        if cfg["eval"]["postprocess"]:  # per-organ component rules that eval/predict apply
-            from medseg_dpl.evaluation.postprocess import postprocess_run
-            postprocess_run(out_dir, data_dir=root, device=device, progress=False)
-        writer.close()
-    _barrier()
-    return result
+    return Trainer(cfg, out_dir, resume).run()

@@ -38,8 +38,8 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from medseg_dpl.evaluation.evaluate import (EvalError, _read_labels, _resolve, plot_overlay,
-                                            score_case, write_report)
+from medseg_dpl.evaluation.cases import EvalError, read_labels, resolve_path
+from medseg_dpl.evaluation.evaluate import plot_overlay, score_case, write_report
 from medseg_dpl.evaluation.metrics import PROTOCOLS, dice_per_class
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ class _Prep:
             else:
                 if not c.get("source_label"):
                     raise EvalError(f"{self.dir / 'dataset.json'}: case {cid} has no source_label to score against")
-                arr, aff = _read_labels(_resolve(c["source_label"], self.dir))
+                arr, aff = read_labels(resolve_path(c["source_label"], self.dir))
                 self._truth[cid] = (arr, np.linalg.norm(aff[:3, :3], axis=0))
         return self._truth[cid]
 

@@ -81,7 +81,8 @@ def _eval(args) -> int:
 
 
 def _postprocess(args) -> int:
-    from medseg_dpl.evaluation.postprocess import describe, postprocess_run
+    from medseg_dpl.evaluation.postprocess import describe
+    from medseg_dpl.evaluation.run_postprocess import postprocess_run
     fractions = [float(f) for f in args.fractions.split(",")] if args.fractions else None
     kw = {"fractions": fractions} if fractions else {}
     decision = postprocess_run(args.run, data_dir=args.data, split=args.split, device=args.device,

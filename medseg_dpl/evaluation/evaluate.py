@@ -33,7 +33,10 @@ import numpy as np
 from tqdm import tqdm
 
 from medseg_dpl.data.labels import short_name
+from medseg_dpl.evaluation.cases import EvalError, read_labels, resolve_path, split_cases, split_predictions
 from medseg_dpl.evaluation.metrics import DHC_PENALTY, PROTOCOLS, organ_metrics
+from medseg_dpl.evaluation.postprocess import apply_postprocessing
+from medseg_dpl.evaluation.predict import load_checkpoint_model, write_labels
 from medseg_dpl.utils import atomic_path, save_figure
 
 log = logging.getLogger(__name__)
@@ -41,10 +44,6 @@ log = logging.getLogger(__name__)
 METRICS = ("dice", "hd95", "asd")
 CSV_COLUMNS = ("case", "organ", "dice", "hd95", "asd")
 RAW_COLUMNS = ("dice_raw", "hd95_raw", "asd_raw")  # checkpoint mode: before post-processing
-
-
-class EvalError(RuntimeError):
-    """Inputs that cannot be scored; the message names the file and the cause."""
 
 
 # --------------------------------------------------------------------------- scoring
@@ -258,75 +257,6 @@ def write_report(rows: list[dict], organs: Sequence[str], out_dir: str | os.Path
 
 
 # --------------------------------------------------------------------------- from a checkpoint
-def _resolve(path: str, base: Path) -> Path:
-    p = Path(path)
-    return p if p.is_absolute() or p.exists() else base / p
-
-
-def _split_cases(lm, checkpoint, data_dir: Path, split: str, allow_prep_labels: bool = False) -> list[dict]:
-    """The ``dataset.json`` entries of ``split`` after checking that ``lm`` fits the PREP_DIR."""
-    from medseg_dpl.data.manifest import load_manifest, read_split
-
-    manifest = load_manifest(data_dir)
-    ids = read_split(data_dir, split)
-    classes = list(manifest["classes"])
-    if classes != lm.classes:
-        raise EvalError(f"{checkpoint}: classes {lm.classes} differ from {data_dir / 'dataset.json'} "
-                        f"classes {classes}")
-    if not np.allclose(lm.spacing, manifest["spacing"], rtol=1e-4):
-        raise EvalError(f"{checkpoint}: trained at spacing {lm.spacing} mm but {data_dir} is prepped at "
-                        f"{manifest['spacing']} mm; score with `medseg-dpl predict` + `eval --pred` instead")
-    trained, here = ((rec or {}).get("modality", "ct") for rec in (lm.intensity, manifest.get("intensity")))
-    if trained != here:
-        raise EvalError(f"{checkpoint}: trained on {trained} images but {data_dir} holds {here} images")
-    clip = (manifest.get("intensity") or {}).get("clip")
-    if clip is not None and not np.allclose(lm.clip, clip):
-        raise EvalError(f"{checkpoint}: trained with HU clip {lm.clip} but {data_dir} uses {clip}")
-    by_id = {c["id"]: c for c in manifest["cases"]}
-    missing = [i for i in ids if i not in by_id]
-    if missing:
-        raise EvalError(f"{data_dir}/splits/{split}.txt: ids not in dataset.json: {missing[:5]}")
-    cases = [by_id[i] for i in ids]
-    for c in cases:
-        if not c.get("source_label") and not (allow_prep_labels and c.get("label")):
-            raise EvalError(f"{data_dir / 'dataset.json'}: case {c['id']} has no source_label to score against")
-    return cases
-
-
-def split_predictions(lm, checkpoint, data_dir: str | os.PathLike, split: str,
-                      overlap: float | None = None, sw_batch_size: int | None = None, tta: bool = False,
-                      interpolation: str = "linear", allow_prep_labels: bool = False,
-                      progress: bool = True, desc: str | None = None):
-    """Raw predictions of a PREP_DIR split with their ground truth, case by case.
-
-    Yields ``(case id, pred (X, Y, Z) uint8, truth (X, Y, Z) int, truth affine 4x4)`` on the
-    case's original grid (``source_label``). With ``allow_prep_labels`` a case without a
-    source label is predicted and scored on the preprocessed grid against its prepped label.
-    """
-    import nibabel as nib
-
-    from medseg_dpl.evaluation.predict import infer_probs, iter_case_predictions
-
-    data_dir = Path(data_dir)
-    cases = _split_cases(lm, checkpoint, data_dir, split, allow_prep_labels)
-    for c in tqdm(cases, desc=desc or f"eval {split}", unit="case", disable=not progress):
-        img = nib.load(str(data_dir / c["image"]))
-        image, paff = np.asarray(img.dataobj, dtype=np.float32), np.asarray(img.affine, float)
-        if c.get("source_label"):
-            _, pred = next(iter_case_predictions(lm, [(c["id"], image, paff, c)], overlap,
-                                                 sw_batch_size, tta, interpolation))
-            truth, taff = _read_labels(_resolve(c["source_label"], data_dir))
-            if truth.shape != pred.shape:
-                raise EvalError(f"{c['source_label']}: shape {truth.shape} differs from the recorded "
-                                f"original shape {pred.shape}")
-        else:  # no source label (allow_prep_labels): the preprocessed grid
-            pred = infer_probs(lm, image, overlap, sw_batch_size, tta).argmax(0).astype(np.uint8)
-            truth, taff = _read_labels(data_dir / c["label"])
-            if truth.shape != pred.shape:
-                raise EvalError(f"{data_dir / c['label']}: shape {truth.shape} differs from image {image.shape}")
-        yield c["id"], pred, truth, taff
-
-
 def evaluate_checkpoint(checkpoint: str | os.PathLike, data_dir: str | os.PathLike,
                         out_dir: str | os.PathLike, split: str = "test",
                         overlap: float | None = None, sw_batch_size: int | None = None,
@@ -350,9 +280,6 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data_dir: str | os.PathLi
     Returns the summary dict (also ``summary.json``); ``method`` names the table row
     (default: the checkpoint config's method, else the run folder's name).
     """
-    from medseg_dpl.evaluation.postprocess import apply_postprocessing
-    from medseg_dpl.evaluation.predict import load_checkpoint_model, write_labels
-
     if protocol not in PROTOCOLS:
         raise EvalError(f"--protocol must be one of {PROTOCOLS}, got {protocol!r}")
     data_dir, out = Path(data_dir), Path(out_dir)
@@ -362,7 +289,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data_dir: str | os.PathLi
     decision = lm.postprocessing if postprocess else None
     classes = lm.classes
     organs = classes[1:]
-    by_id = {c["id"]: c for c in _split_cases(lm, checkpoint, data_dir, split)}
+    by_id = {c["id"]: c for c in split_cases(lm, checkpoint, data_dir, split)}
 
     rows, raw_rows = [], []
     for n, (cid, raw, truth, taff) in enumerate(split_predictions(
@@ -380,9 +307,9 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data_dir: str | os.PathLi
         if n < num_overlays:
             image = None
             src = c.get("source_image")
-            if src and _resolve(src, data_dir).exists():
+            if src and resolve_path(src, data_dir).exists():
                 from medseg_dpl.data.io import read_image
-                image = read_image(_resolve(src, data_dir), dtype=np.float32)[0]
+                image = read_image(resolve_path(src, data_dir), dtype=np.float32)[0]
             # MR: the case's own body percentiles, not a HU window
             window = tuple(c["normalization"]["clip"]) if c.get("normalization") else (-175.0, 250.0)
             plot_overlay(out / "overlays" / f"{cid}.png", truth, pred, image,
@@ -397,19 +324,6 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data_dir: str | os.PathLi
     return write_report(rows, organs, out, protocol, method,
                         {"checkpoint": str(checkpoint), "data": str(data_dir), "split": split,
                          "tta": tta, "postprocessing": pp_info}, raw_rows=raw_rows)
-
-
-def _read_labels(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    from medseg_dpl.data.io import read_image
-    if not path.exists():
-        raise EvalError(f"{path}: label file not found")
-    arr, aff = read_image(path)
-    arr = np.asarray(arr)
-    if arr.dtype.kind == "f":
-        if np.any(arr != np.round(arr)):
-            raise EvalError(f"{path}: label values are not integers")
-        arr = arr.astype(np.int16)
-    return arr, np.asarray(aff, float)
 
 
 # --------------------------------------------------------------------------- from files
@@ -471,7 +385,7 @@ def evaluate_predictions(pred_dir: str | os.PathLike, label_dir: str | os.PathLi
     pairs = match_files(Path(pred_dir), Path(label_dir))
     loaded = None
     if classes is None:  # need the largest label first
-        loaded = [(k, *_read_labels(pp), *_read_labels(lp)) for k, pp, lp in pairs]
+        loaded = [(k, *read_labels(pp), *read_labels(lp)) for k, pp, lp in pairs]
         top = max(max(int(p.max()), int(t.max())) for _, p, _, t, _ in loaded)
         names = ["background"] + [f"class_{i}" for i in range(1, top + 1)]
     elif isinstance(classes, str) and classes in DATASET_CLASSES:
@@ -483,7 +397,7 @@ def evaluate_predictions(pred_dir: str | os.PathLike, label_dir: str | os.PathLi
         names = list(classes)
     organs = names[1:]
     rows = []
-    it = loaded if loaded is not None else ((k, *_read_labels(pp), *_read_labels(lp)) for k, pp, lp in pairs)
+    it = loaded if loaded is not None else ((k, *read_labels(pp), *read_labels(lp)) for k, pp, lp in pairs)
     for n, (key, pred, paff, truth, taff) in enumerate(tqdm(it, total=len(pairs), desc="eval", unit="case",
                                                             disable=not progress)):
         pp, lp = pairs[n][1], pairs[n][2]

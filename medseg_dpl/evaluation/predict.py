@@ -22,8 +22,10 @@ import torch
 from scipy import ndimage
 from tqdm import tqdm
 
+from medseg_dpl.checkpoint import CheckpointError, load_checkpoint
 from medseg_dpl.data.io import dicom_series_ids, list_nifti, read_header
 from medseg_dpl.data.preprocess import DEFAULT_CLIP, intensity_kwargs, preprocess_image, restore_to_original
+from medseg_dpl.evaluation.postprocess import PostprocessError, apply_postprocessing, decision_for_checkpoint
 from medseg_dpl.utils import atomic_path
 
 log = logging.getLogger(__name__)
@@ -60,21 +62,19 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 def load_checkpoint_model(checkpoint: str | os.PathLike, device=None) -> LoadedModel:
     """Load a trainer checkpoint (contract format) and build its inference network (eval mode)."""
+    path = Path(checkpoint)
+    try:
+        ckpt = load_checkpoint(path, "segmentation")
+    except CheckpointError as exc:  # names the file and the cause
+        raise PredictError(str(exc)) from None
+    return model_from_checkpoint(path, ckpt, device)
+
+
+def model_from_checkpoint(path: str | os.PathLike, ckpt: dict, device=None) -> LoadedModel:
+    """The :class:`LoadedModel` of a checkpoint dict read by ``medseg_dpl.checkpoint.load_checkpoint``;
+    ``path`` names it in errors."""
     from medseg_dpl.models import build_model
 
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise PredictError(f"{path}: checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt file, not a torch pickle, or non-plain types
-        raise PredictError(f"{path}: cannot read checkpoint ({exc})") from exc
-    if isinstance(ckpt, dict) and "dataset" not in ckpt and "classes" in ckpt:
-        raise PredictError(f"{path}: an image-classification checkpoint (medseg-dpl classify); "
-                           "predict, eval and export take 3D segmentation checkpoints (medseg-dpl train)")
-    for key in ("config", "model", "dataset"):
-        if not isinstance(ckpt, dict) or key not in ckpt:
-            raise PredictError(f"{path}: not a medseg-dpl checkpoint (missing {key!r})")
     cfg, ds = ckpt["config"], ckpt["dataset"]
     try:
         classes = list(ds["classes"])
@@ -91,7 +91,6 @@ def load_checkpoint_model(checkpoint: str | os.PathLike, device=None) -> LoadedM
     except RuntimeError as exc:
         raise PredictError(f"{path}: weights do not fit the configured network ({exc})") from exc
     model.to(dev).eval()
-    from medseg_dpl.evaluation.postprocess import PostprocessError, decision_for_checkpoint
     try:
         decision = decision_for_checkpoint(path, ckpt)
     except PostprocessError as exc:
@@ -251,7 +250,6 @@ def predict_volume(lm: LoadedModel, source: Path, overlap=None, sw_batch_size=No
     probs = infer_probs(lm, np.asarray(image), overlap, sw_batch_size, tta)
     labels = probs_to_original(probs, prep_affine, shape, affine, meta, interpolation)
     if postprocess and lm.postprocessing:
-        from medseg_dpl.evaluation.postprocess import apply_postprocessing
         labels = apply_postprocessing(labels, lm.postprocessing)
     if keep_probs:
         return labels, affine, header, (probs, prep_affine)

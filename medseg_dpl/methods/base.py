@@ -12,12 +12,35 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Optional, Union
 
 import torch
 from torch import nn
 
-from medseg_dpl.methods.losses import SUP_LOSSES, supervised_loss, weighted_dice_ce
+from medseg_dpl.methods.losses import supervised_loss, weighted_dice_ce
+from medseg_dpl.methods.options import LossOptions, parse
+
+
+@dataclass
+class StepResult:
+    """What one :meth:`Algorithm.train_step` hands the trainer.
+
+    ``loss``: the scalar to back-propagate. ``scalars``: floats or 0-d tensors (logged as the
+    mean over the log window). ``per_class``: ``(C,)`` vectors (a curve per class, the mean
+    over the window). ``pseudo_labels`` long / ``mask`` bool ``(U, *patch)``: this step's
+    confident pseudo-labels of the unlabeled crops, for the crop-level diagnostics.
+    """
+    loss: torch.Tensor
+    scalars: dict[str, Union[float, torch.Tensor]] = field(default_factory=dict)
+    per_class: dict[str, torch.Tensor] = field(default_factory=dict)
+    pseudo_labels: Optional[torch.Tensor] = None
+    mask: Optional[torch.Tensor] = None
+
+    @property
+    def logs(self) -> dict[str, Union[float, torch.Tensor]]:
+        """Scalars and per-class vectors in one dict (by name)."""
+        return {**self.scalars, **self.per_class}
 
 
 def sigmoid_rampup(step: int, length: int) -> float:
@@ -75,12 +98,15 @@ class Algorithm(nn.Module):
             prior = torch.full((num_classes,), 1.0 / num_classes)
         self.register_buffer("prior", prior.float().clone())
         # the one supervised loss of every method (``loss.name``), so methods differ by their idea only
-        self.sup_loss_name = cfg["loss"]["name"]
-        if self.sup_loss_name not in SUP_LOSSES:
-            raise ValueError(f"loss.name: expected one of {', '.join(SUP_LOSSES)}, got {self.sup_loss_name!r}")
+        self.loss_opts = parse(LossOptions, cfg, "loss")
         # the peers' class weights alone, for single-network methods (the controls that tell a
         # peer's weights from its co-training); derived from π, so not part of the method state
-        self.sup_class_weight = static_class_weight(cfg["loss"]["class_weight"], self.prior, cfg)
+        self.sup_class_weight = static_class_weight(self.loss_opts.class_weight, self.prior, cfg)
+        # λ_u and its ramp-up: the method's own section where it has them (its published values)
+        m, own = cfg["method"], cfg.get(self.name) or {}
+        self.lambda_u = own.get("lambda_u", m["lambda_u"])
+        self.rampup_steps = round(own.get("rampup", m["rampup"]) * cfg["train"]["steps"])
+        self.threshold = m["threshold"]
 
     # --- used by the trainer -------------------------------------------------------------
     def attach_teacher(self, teacher: nn.Module) -> None:
@@ -110,6 +136,14 @@ class Algorithm(nn.Module):
         """Probabilities the method would turn into pseudo-labels, ``(N, C, *)`` float32."""
         return torch.softmax(logits.float(), dim=1)
 
+    def thresholds(self) -> Union[float, torch.Tensor]:
+        """The confidence threshold of the pseudo-labels: a float or per-class ``(C,)``."""
+        return self.threshold
+
+    def state_report(self) -> dict[str, list[float]]:
+        """The method's state for ``pseudo_labels.json`` (e.g. q̂ and the bias), plain lists."""
+        return {}
+
     # --- helpers for subclasses ----------------------------------------------------------
     def supervised_loss(self, logits: torch.Tensor, label: torch.Tensor,
                         weight: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -120,23 +154,21 @@ class Algorithm(nn.Module):
         adjustment), so rare organs need a larger margin on labeled voxels."""
         if weight is None and self.sup_class_weight is not None:
             weight = self.sup_class_weight
-        return supervised_loss(logits, label[:, 0].long(), self.sup_loss_name, weight, self.ce_offset())
+        return supervised_loss(logits, label[:, 0].long(), self.loss_opts.name, weight, self.ce_offset())
 
     def ce_offset(self) -> Optional[torch.Tensor]:
         """τ_l·log π ``(C,)`` for the supervised CE (``loss.logit_adjust``), None when τ_l = 0."""
-        tau_l = self.cfg["loss"]["logit_adjust"]
+        tau_l = self.loss_opts.logit_adjust
         return tau_l * torch.log(self.prior.clamp_min(1e-8)) if tau_l else None
 
     def unsup_weight(self, step: int) -> float:
         """λ_u · sigmoid ramp-up over ``rampup`` × train.steps (so it scales with the schedule);
         a method whose section has its own ``lambda_u`` / ``rampup`` (its published values,
         e.g. DHC's 0.1 over the whole run) uses those."""
-        m, own = self.cfg["method"], self.cfg.get(self.name) or {}
-        lam, ramp = own.get("lambda_u", m["lambda_u"]), own.get("rampup", m["rampup"])
-        return lam * sigmoid_rampup(step, round(ramp * self.cfg["train"]["steps"]))
+        return self.lambda_u * sigmoid_rampup(step, self.rampup_steps)
 
-    def train_step(self, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
-        """One step's loss (a scalar tensor to back-propagate) and logs (floats or ``(C,)``)."""
+    def train_step(self, batch: dict, step: int) -> StepResult:
+        """One step: the loss to back-propagate and what to log (:class:`StepResult`)."""
         raise NotImplementedError
 
 
@@ -167,7 +199,7 @@ class CoTraining(Algorithm):
         ``shared`` on the shared loss (``loss.name``, so only the weights differ from the other
         methods), ``published`` on DHC's repository form (weighted CE + weighted batch Dice)."""
         if form == "shared":
-            return supervised_loss(logits, target, self.sup_loss_name, weight, self.ce_offset())
+            return supervised_loss(logits, target, self.loss_opts.name, weight, self.ce_offset())
         if form == "published":
             return weighted_dice_ce(logits, target, weight)
         raise ValueError(f"{self.name}.sup_loss: expected shared or published, got {form!r}")

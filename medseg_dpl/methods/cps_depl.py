@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import torch
 
-from medseg_dpl.core.debias import (ResponseEMA, debiased_probs, margin_adjusted_logits,
-                                    masked_cross_entropy, pseudo_labels)
-from medseg_dpl.methods.base import CoTraining, class_share
+from medseg_dpl.core.debias import (DebiasOptions, ResponseEMA, debiased_probs, initial_qhat,
+                                    margin_adjusted_logits, masked_cross_entropy, pseudo_labels,
+                                    reference_prior, update_response)
+from medseg_dpl.methods.base import CoTraining, StepResult, class_share
 from medseg_dpl.methods.checks import check_ignored_keys
-from medseg_dpl.methods.debiaspl import (bias_options, initial_qhat, reference_prior, response_probs,
-                                         update_response)
 
 
 class CPSDePL(CoTraining):
@@ -27,48 +26,46 @@ class CPSDePL(CoTraining):
     def __init__(self, student, cfg, num_classes, prior=None, student2=None):
         # B differs from A by its initialisation (DHC: kaiming vs xavier): a separately seeded network
         super().__init__(student, cfg, num_classes, prior, student2)
-        m = cfg["debias"]["momentum"]
-        self.opts = bias_options(cfg)
+        self.debias = DebiasOptions.from_section(cfg["debias"])
         check_ignored_keys(cfg, ("debias",))
-        response_probs(torch.zeros(1, num_classes), cfg)
-        self.response_a = ResponseEMA(num_classes, momentum=m, init=initial_qhat(cfg, self.prior))
-        self.response_b = ResponseEMA(num_classes, momentum=m, init=initial_qhat(cfg, self.prior))
+        self.bias_kwargs = self.debias.bias_kwargs()
+        m = self.debias.momentum
+        self.response_a = ResponseEMA(num_classes, momentum=m, init=initial_qhat(self.debias, self.prior))
+        self.response_b = ResponseEMA(num_classes, momentum=m, init=initial_qhat(self.debias, self.prior))
 
     @torch.no_grad()
     def pseudo_label_probs(self, logits):
         qhat = self.response_a.qhat
-        return debiased_probs(logits.float(), qhat, self.cfg["debias"]["tau"],
-                              reference_prior(self.cfg, self.prior, qhat), **self.opts)
+        return debiased_probs(logits.float(), qhat, self.debias.tau,
+                              reference_prior(self.debias, self.prior, qhat), **self.bias_kwargs)
+
+    def state_report(self) -> dict[str, list[float]]:
+        return {"qhat": [float(v) for v in self.response_a.qhat]}
 
     def train_step(self, batch, step):
         x_l, y_l = batch["image"], batch["label"]
-        tau, thr = self.cfg["debias"]["tau"], self.cfg["method"]["threshold"]
+        tau, thr, kw = self.debias.tau, self.threshold, self.bias_kwargs
         x = torch.cat([x_l, batch["image_weak"]], dim=0)
         n = x_l.shape[0]
         out_a, out_b = self.student(x), self.student2(x)
         sup = self.supervised_loss(out_a[:n], y_l) + self.supervised_loss(out_b[:n], y_l)
         u_a, u_b = out_a[n:], out_b[n:]
-        ref_a = reference_prior(self.cfg, self.prior, self.response_a.qhat)
-        ref_b = reference_prior(self.cfg, self.prior, self.response_b.qhat)
+        ref_a = reference_prior(self.debias, self.prior, self.response_a.qhat)
+        ref_b = reference_prior(self.debias, self.prior, self.response_b.qhat)
         with torch.no_grad():
-            lab_a, mask_a = pseudo_labels(debiased_probs(u_a.detach(), self.response_a.qhat, tau, ref_a,
-                                                         **self.opts), thr)
-            lab_b, mask_b = pseudo_labels(debiased_probs(u_b.detach(), self.response_b.qhat, tau, ref_b,
-                                                         **self.opts), thr)
-            masked = self.cfg["debias"]["masked"]
-            update_response(self.response_a, u_a, self.cfg, mask_a if masked else None)
-            update_response(self.response_b, u_b, self.cfg, mask_b if masked else None)
-        ref_a = reference_prior(self.cfg, self.prior, self.response_a.qhat)
-        ref_b = reference_prior(self.cfg, self.prior, self.response_b.qhat)
-        cps = (masked_cross_entropy(margin_adjusted_logits(u_b, self.response_a.qhat, tau, ref_a, **self.opts),
-                                    lab_a, mask_a)
-               + masked_cross_entropy(margin_adjusted_logits(u_a, self.response_b.qhat, tau, ref_b, **self.opts),
-                                      lab_b, mask_b))
+            lab_a, mask_a = pseudo_labels(debiased_probs(u_a.detach(), self.response_a.qhat, tau, ref_a, **kw), thr)
+            lab_b, mask_b = pseudo_labels(debiased_probs(u_b.detach(), self.response_b.qhat, tau, ref_b, **kw), thr)
+            masked = self.debias.masked
+            update_response(self.response_a, u_a, self.debias, mask_a if masked else None)
+            update_response(self.response_b, u_b, self.debias, mask_b if masked else None)
+        ref_a = reference_prior(self.debias, self.prior, self.response_a.qhat)
+        ref_b = reference_prior(self.debias, self.prior, self.response_b.qhat)
+        cps = (masked_cross_entropy(margin_adjusted_logits(u_b, self.response_a.qhat, tau, ref_a, **kw), lab_a, mask_a)
+               + masked_cross_entropy(margin_adjusted_logits(u_a, self.response_b.qhat, tau, ref_b, **kw), lab_b, mask_b))
         weight = self.unsup_weight(step)
-        loss = sup + weight * cps
         mask = torch.cat([mask_a, mask_b])
-        logs = {"loss/sup": sup.detach(), "loss/unsup": cps.detach(), "unsup_weight": weight,
-                "mask_ratio": mask.float().mean(),
-                "pl_share": class_share(torch.cat([lab_a, lab_b]), mask, self.num_classes),
-                "qhat": self.response_a.qhat.detach().clone()}
-        return loss, logs
+        return StepResult(sup + weight * cps,
+                          {"loss/sup": sup.detach(), "loss/unsup": cps.detach(), "unsup_weight": weight,
+                           "mask_ratio": mask.float().mean()},
+                          {"pl_share": class_share(torch.cat([lab_a, lab_b]), mask, self.num_classes),
+                           "qhat": self.response_a.qhat.detach().clone()})

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import torch
 
-from medseg_dpl.methods.base import CoTraining, class_share
+from medseg_dpl.methods.base import CoTraining, StepResult, class_share
+from medseg_dpl.methods.options import DHCOptions, parse
 from medseg_dpl.methods.losses import (EPS, dice_from_stats, dice_stats, one_hot, sum_over_ranks,
                                        weighted_ce)
 
@@ -42,6 +43,7 @@ class DHC(CoTraining):
 
     def __init__(self, student, cfg, num_classes, prior=None, student2=None):
         super().__init__(student, cfg, num_classes, prior, student2)
+        self.opts = parse(DHCOptions, cfg, "dhc")
         C = num_classes
         self.register_buffer("weight_b", distdw_weights(self.prior))     # DistDW, from π
         self.register_buffer("weight_a", torch.full((C,), float(C)))     # DiffDW
@@ -55,10 +57,10 @@ class DHC(CoTraining):
         """EMA of the DistDW weights towards B's argmax counts on ``(U, C, *)`` logits."""
         counts = torch.bincount(logits_u.argmax(1).reshape(-1), minlength=self.num_classes).float()
         sum_over_ranks(counts)
-        m = self.cfg["dhc"]["dist_momentum"]
+        m = self.opts.dist_momentum
         self.weight_b.mul_(m).add_((1 - m) * distdw_weights(counts).to(self.weight_b))
         w = self.weight_b.clone()
-        w[0] = w[0].clamp_min(self.cfg["dhc"]["background_min"])
+        w[0] = w[0].clamp_min(self.opts.background_min)
         return w
 
     @torch.no_grad()
@@ -67,10 +69,10 @@ class DHC(CoTraining):
         C = self.num_classes
         stats = sum_over_ranks(dice_stats(one_hot(logits_l.argmax(1), C), one_hot(target, C)))
         dice = dice_from_stats(stats, smooth=EPS)
-        k = self.cfg["dhc"]["diff_window"]
+        k = self.opts.diff_window
         m = (k - 1) / k
         seen = torch.ones_like(dice, dtype=torch.bool)
-        if self.cfg["dhc"]["skip_absent"]:
+        if self.opts.skip_absent:
             seen = stats[0] + stats[1] + stats[2] > 0       # in the labels or in the prediction
         delta = dice - self.last_dice
         r = torch.log(dice / self.last_dice)
@@ -79,7 +81,7 @@ class DHC(CoTraining):
         for buf, new in ((self.learn, learn), (self.unlearn, unlearn), (self.undice, 1 - dice)):
             buf.copy_(torch.where(seen, m * buf + (1 - m) * new, buf))
         self.last_dice.copy_(torch.where(seen, dice, self.last_dice))
-        w = ((self.unlearn + EPS) / (self.learn + EPS)).pow(self.cfg["dhc"]["diff_power"]) * self.undice
+        w = ((self.unlearn + EPS) / (self.learn + EPS)).pow(self.opts.diff_power) * self.undice
         self.weight_a.copy_(C * w / w.max().clamp_min(EPS))
         return self.weight_a.clone()
 
@@ -90,24 +92,23 @@ class DHC(CoTraining):
         out_a, out_b = self.student(x), self.student2(x)
         w_a = self.update_diffdw(out_a[:n].detach(), y_l)
         w_b = self.update_distdw(out_b[n:].detach())
-        form = self.cfg["dhc"]["sup_loss"]
+        form = self.opts.sup_loss
         sup = (self.weighted_supervised_loss(out_a[:n], y_l, w_a, form)
                + self.weighted_supervised_loss(out_b[:n], y_l, w_b, form))
         with torch.no_grad():
             conf_a, lab_a = torch.softmax(out_a.float(), 1).max(1)
             conf_b, lab_b = torch.softmax(out_b.float(), 1).max(1)
-            thr = self.cfg["dhc"]["threshold"]
+            thr = self.opts.threshold
             mask_a, mask_b = conf_a >= thr, conf_b >= thr
         # each network learns from the other's argmax, weighted by its own class weights
         cps = weighted_ce(out_a, lab_b, w_a, mask_b) + weighted_ce(out_b, lab_a, w_b, mask_a)
         weight = self.unsup_weight(step)
-        loss = sup + weight * cps
         lab_u, mask_u = torch.cat([lab_a[n:], lab_b[n:]]), torch.cat([mask_a[n:], mask_b[n:]])
-        logs = {"loss/sup": sup.detach(), "loss/unsup": cps.detach(), "unsup_weight": weight,
-                "mask_ratio": mask_u.float().mean(),
-                "pl_share": class_share(lab_u, mask_u, self.num_classes),
-                "weight_a": w_a, "weight_b": w_b,
-                # each network's argmax shares on the unlabeled crops: the collapse diagnostic
-                "argmax_share_a": class_share(lab_a[n:], None, self.num_classes),
-                "argmax_share_b": class_share(lab_b[n:], None, self.num_classes)}
-        return loss, logs
+        return StepResult(
+            sup + weight * cps,
+            {"loss/sup": sup.detach(), "loss/unsup": cps.detach(), "unsup_weight": weight,
+             "mask_ratio": mask_u.float().mean()},
+            {"pl_share": class_share(lab_u, mask_u, self.num_classes), "weight_a": w_a, "weight_b": w_b,
+             # each network's argmax shares on the unlabeled crops: the collapse diagnostic
+             "argmax_share_a": class_share(lab_a[n:], None, self.num_classes),
+             "argmax_share_b": class_share(lab_b[n:], None, self.num_classes)})

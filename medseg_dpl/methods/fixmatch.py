@@ -19,10 +19,9 @@ from monai.losses import MaskedDiceLoss
 
 from medseg_dpl.core.debias import (ResponseEMA, class_balanced_cross_entropy, classwise_thresholds,
                                     masked_cross_entropy, pseudo_labels)
-from medseg_dpl.methods.base import Algorithm, class_share
+from medseg_dpl.methods.base import Algorithm, StepResult, class_share
 from medseg_dpl.methods.checks import check_ignored_keys
-
-UNSUP_LOSSES = ("ce", "dice_ce", "balanced_ce")
+from medseg_dpl.methods.options import PseudoLabelOptions, parse
 
 
 def cutmix_boxes(n: int, spatial: tuple[int, ...], prob: float, device) -> torch.Tensor:
@@ -55,17 +54,11 @@ class FixMatch(Algorithm):
 
     def __init__(self, student, cfg, num_classes, prior=None):
         super().__init__(student, cfg, num_classes, prior)
-        m = cfg["method"]
         check_ignored_keys(cfg, ("method",))
-        if cfg["method"]["unsup_loss"] not in UNSUP_LOSSES:
-            raise ValueError(f"method.unsup_loss: expected one of {UNSUP_LOSSES}, "
-                             f"got {cfg['method']['unsup_loss']!r}")
+        self.opts = parse(PseudoLabelOptions, cfg, "method")
         self.unsup_dice = MaskedDiceLoss(to_onehot_y=True, softmax=True)
-        if m["background_threshold"] not in ("fixed", "adaptive"):
-            raise ValueError(f"method.background_threshold: expected fixed or adaptive, "
-                             f"got {m['background_threshold']!r}")
-        if m["class_thresholds"]:  # the confident pseudo-labels' class shares, starting at π
-            self.confident = ResponseEMA(num_classes, momentum=m["threshold_momentum"], init=self.prior)
+        if self.opts.class_thresholds:  # the confident pseudo-labels' class shares, starting at π
+            self.confident = ResponseEMA(num_classes, momentum=self.opts.threshold_momentum, init=self.prior)
 
     @torch.no_grad()
     def weak_logits(self, batch: dict) -> torch.Tensor:
@@ -86,12 +79,12 @@ class FixMatch(Algorithm):
         :func:`~medseg_dpl.core.debias.classwise_thresholds`; background keeps
         ``method.threshold`` unless ``method.background_threshold=adaptive``, since lowering it
         makes ambiguous voxels confident background)."""
-        m = self.cfg["method"]
-        if not m["class_thresholds"]:
-            return m["threshold"]
-        thr = classwise_thresholds(self.confident.qhat, self.prior, m["threshold"], m["threshold_floor"])
-        if m["background_threshold"] == "fixed":
-            thr[0] = m["threshold"]
+        o = self.opts
+        if not o.class_thresholds:
+            return o.threshold
+        thr = classwise_thresholds(self.confident.qhat, self.prior, o.threshold, o.threshold_floor)
+        if o.background_threshold == "fixed":
+            thr[0] = o.threshold
         return thr
 
     def unsup_logits(self, logits_s: torch.Tensor) -> torch.Tensor:
@@ -104,25 +97,25 @@ class FixMatch(Algorithm):
 
     def unsup_loss(self, logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``logits`` ``(U, C, *)``, ``labels`` long and ``mask`` bool ``(U, *)``."""
-        if self.cfg["method"]["unsup_loss"] == "balanced_ce":
+        if self.opts.unsup_loss == "balanced_ce":
             return class_balanced_cross_entropy(logits, labels, mask)
         loss = masked_cross_entropy(logits, labels, mask)
-        if self.cfg["method"]["unsup_loss"] == "dice_ce" and mask.any():
+        if self.opts.unsup_loss == "dice_ce" and mask.any():
             loss = loss + self.unsup_dice(logits.float(), labels[:, None].float(), mask[:, None].float())
         return loss
 
-    def train_step(self, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
+    def train_step(self, batch: dict, step: int) -> StepResult:
         x_l, y_l = batch["image"], batch["label"]
         logits_w = self.weak_logits(batch)
         thr = self.thresholds()             # once per step, from the statistics so far
         probs, extra = self.teacher_probs(logits_w, thr)
         labels_u, mask = pseudo_labels(probs, thr)
-        if self.cfg["method"]["class_thresholds"]:
+        if self.opts.class_thresholds:
             self.confident.update_labels(labels_u, mask)
 
         x_s, mixed_labels, mixed_mask = batch["image_strong"], labels_u, mask
-        if self.cfg["method"]["cutmix"] > 0 and x_s.shape[0] > 1:
-            box = cutmix_boxes(x_s.shape[0], tuple(x_s.shape[2:]), self.cfg["method"]["cutmix"], x_s.device)
+        if self.opts.cutmix > 0 and x_s.shape[0] > 1:
+            box = cutmix_boxes(x_s.shape[0], tuple(x_s.shape[2:]), self.opts.cutmix, x_s.device)
             other = torch.roll(torch.arange(x_s.shape[0], device=x_s.device), -1)
             x_s = torch.where(box[:, None], x_s[other], x_s)
             mixed_labels = torch.where(box, labels_u[other], labels_u)
@@ -134,10 +127,9 @@ class FixMatch(Algorithm):
         unsup = self.unsup_loss(self.unsup_logits(logits_s), mixed_labels, mixed_mask)
         weight = self.unsup_weight(step)
         loss = sup + weight * unsup
-        logs = {"loss/sup": sup.detach(), "loss/unsup": unsup.detach(), "unsup_weight": weight,
-                "mask_ratio": mask.float().mean(),
-                "pl_share": class_share(labels_u, mask, self.num_classes),
-                "_pseudo_labels": (labels_u, mask), **extra}
+        per_class = {"pl_share": class_share(labels_u, mask, self.num_classes), **extra}
         if isinstance(thr, torch.Tensor):
-            logs["thresholds"] = thr.detach().clone()
-        return loss, logs
+            per_class["thresholds"] = thr.detach().clone()
+        return StepResult(loss, {"loss/sup": sup.detach(), "loss/unsup": unsup.detach(),
+                                 "unsup_weight": weight, "mask_ratio": mask.float().mean()},
+                          per_class, labels_u, mask)

@@ -28,21 +28,17 @@ from typing import Optional
 
 import torch
 
-from medseg_dpl.methods.base import CoTraining, class_share
-from medseg_dpl.methods.losses import GA_TIES, ga_ce_parts, ga_dice_terms
+from medseg_dpl.methods.base import CoTraining, StepResult, class_share
+from medseg_dpl.methods.losses import ga_ce_parts, ga_dice_terms
+from medseg_dpl.methods.options import GAOptions, parse
 
-SUP_FORMS = ("ga", "shared")
 
-
-def check_ga_options(cfg: dict) -> None:
-    """Bad ``ga.*`` values, and a key the chosen setting ignores, are errors naming the key."""
+def check_ga_options(cfg: dict) -> GAOptions:
+    """``ga.*`` parsed; bad values, and a key the chosen setting ignores, are errors naming the key."""
     from medseg_dpl.config import ConfigError
     from medseg_dpl.engine.defaults import SEG_DEFAULTS
 
-    g = cfg["ga"]
-    for key, choices in (("sup_loss", SUP_FORMS), ("ties", GA_TIES)):
-        if g[key] not in choices:
-            raise ConfigError(f"ga.{key}: expected one of {', '.join(choices)}, got {g[key]!r}")
+    opts, g = parse(GAOptions, cfg, "ga"), cfg["ga"]
     for key in ("k", "cps_k"):
         if not 0 < g[key] <= 100:
             raise ConfigError(f"ga.{key}: a percentage in (0, 100], got {g[key]!r}")
@@ -51,6 +47,7 @@ def check_ga_options(cfg: dict) -> None:
     if g["sup_loss"] == "shared" and g["k"] != SEG_DEFAULTS["ga"]["k"]:
         raise ConfigError(f"ga.k={g['k']!r} has no effect with ga.sup_loss=shared (labeled crops "
                           "use loss.name); remove it or change ga.sup_loss")
+    return opts
 
 
 class GA(CoTraining):
@@ -58,16 +55,16 @@ class GA(CoTraining):
 
     def __init__(self, student, cfg, num_classes, prior=None, student2=None):
         super().__init__(student, cfg, num_classes, prior, student2)
-        check_ga_options(cfg)
+        self.opts = check_ga_options(cfg)
 
     def labeled_loss(self, logits: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """``(B, C, *)`` logits, ``(B, 1, *)`` labels -> the supervised term and its per-class
         ``(C,)`` GA terms (empty with ``ga.sup_loss=shared``)."""
-        g = self.cfg["ga"]
-        if g["sup_loss"] == "shared":
+        g = self.opts
+        if g.sup_loss == "shared":
             return self.supervised_loss(logits, label), {}
         y = label[:, 0].long()
-        ce, n = ga_ce_parts(logits, y, k=g["k"], gamma=g["gamma"], ties=g["ties"])
+        ce, n = ga_ce_parts(logits, y, k=g.k, gamma=g.gamma, ties=g.ties)
         dice = ga_dice_terms(logits, y)
         return ce.sum() + dice.mean(), {"ga_ce": ce.detach(), "ga_dice": dice.detach(),
                                         "topk_share": n / n.sum().clamp_min(1)}
@@ -76,10 +73,10 @@ class GA(CoTraining):
                    mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """GACE(``ga.cps_k``) (+ GADice with ``ga.cps_dice``) on the other network's argmax
         ``(N, *)``; returns the loss and its per-class GACE terms ``(C,)``."""
-        g = self.cfg["ga"]
-        ce, _ = ga_ce_parts(logits, labels, mask, k=g["cps_k"], gamma=g["gamma"], ties=g["ties"])
+        g = self.opts
+        ce, _ = ga_ce_parts(logits, labels, mask, k=g.cps_k, gamma=g.gamma, ties=g.ties)
         loss = ce.sum()
-        if g["cps_dice"]:
+        if g.cps_dice:
             loss = loss + ga_dice_terms(logits, labels, mask).mean()
         return loss, ce.detach()
 
@@ -93,7 +90,7 @@ class GA(CoTraining):
         with torch.no_grad():
             conf_a, lab_a = torch.softmax(out_a.float(), 1).max(1)
             conf_b, lab_b = torch.softmax(out_b.float(), 1).max(1)
-            thr = self.cfg["ga"]["threshold"]
+            thr = self.opts.threshold
             mask_a, mask_b = conf_a >= thr, conf_b >= thr
         masked = thr > 0      # threshold 0 keeps every voxel (as published): skip the masking
         cps_a, cps_terms = self.cross_loss(out_a, lab_b, mask_b if masked else None)
@@ -101,11 +98,11 @@ class GA(CoTraining):
         sup, cps = sup_a + sup_b, cps_a + cps_b
         weight = self.unsup_weight(step)     # ga.lambda_u, ga.rampup
         lab_u, mask_u = torch.cat([lab_a[n:], lab_b[n:]]), torch.cat([mask_a[n:], mask_b[n:]])
-        logs = {"loss/sup": sup.detach(), "loss/unsup": cps.detach(), "unsup_weight": weight,
-                "mask_ratio": mask_u.float().mean(),
-                "pl_share": class_share(lab_u, mask_u, self.num_classes),
-                "cps_ce": cps_terms, **terms,
-                "argmax_share_a": class_share(lab_a[n:], None, self.num_classes),
-                "argmax_share_b": class_share(lab_b[n:], None, self.num_classes),
-                "_pseudo_labels": (lab_a[n:], mask_a[n:])}   # A's, for the trainer's crop diagnostics
-        return sup + weight * cps, logs
+        return StepResult(
+            sup + weight * cps,
+            {"loss/sup": sup.detach(), "loss/unsup": cps.detach(), "unsup_weight": weight,
+             "mask_ratio": mask_u.float().mean()},
+            {"pl_share": class_share(lab_u, mask_u, self.num_classes), "cps_ce": cps_terms, **terms,
+             "argmax_share_a": class_share(lab_a[n:], None, self.num_classes),
+             "argmax_share_b": class_share(lab_b[n:], None, self.num_classes)},
+            lab_a[n:], mask_a[n:])   # A's, for the trainer's crop diagnostics

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import torch
 
-from medseg_dpl.methods.base import Algorithm
+from medseg_dpl.methods.base import Algorithm, StepResult
 
 
 class Supervised(Algorithm):
     name = "supervised"
     uses_teacher = True  # evaluated with its EMA, like the SSL methods (not used in training)
 
-    def train_step(self, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
+    def train_step(self, batch: dict, step: int) -> StepResult:
         logits = self.student(batch["image"])
         loss = self.supervised_loss(logits, batch["label"])
-        return loss, {"loss/sup": loss.detach()}
+        return StepResult(loss, {"loss/sup": loss.detach()})

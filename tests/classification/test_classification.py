@@ -16,6 +16,7 @@ from medseg_dpl.classification.datasets import (DatasetError, load_digits_data, 
 from medseg_dpl.classification.defaults import CLASSIFY_DEFAULTS
 from medseg_dpl.classification.methods import build_method
 from medseg_dpl.classification.trainer import class_imbalance, train_classifier
+from medseg_dpl.checkpoint import load_checkpoint
 from medseg_dpl.cli import main
 from medseg_dpl.config import load_config
 from medseg_dpl.core.debias import (ResponseEMA, debiased_probs, margin_adjusted_logits,
@@ -34,8 +35,8 @@ def _one_thread():
 
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-FAST = ["train.batch_size=16", "method.mu=3", "method.ema_momentum=0.9", "train.eval_every=1000",
-        "train.log_every=5"]
+FAST = ["train.batch_size=16", "train.unlabeled_batch_size=48", "train.ema_momentum=0.9",
+        "train.val_every=1000", "train.log_every=5"]
 
 
 def test_digits_split_is_stratified_and_fixed():
@@ -75,10 +76,10 @@ def test_augmentations_keep_shape_and_range():
 @pytest.mark.parametrize("name", ["fixmatch", "debiaspl"])
 def test_methods_are_the_core_functions(name):
     torch.manual_seed(0)
-    cfg = load_config(None, [f"method.name={name}", "method.qhat_momentum=0.5",
-                             "method.threshold=0.3", "method.prior=labeled"], CLASSIFY_DEFAULTS)
+    cfg = load_config(None, [f"method.name={name}", "debias.momentum=0.5", "method.threshold=0.3",
+                             "debias.reference=labeled_prior"], CLASSIFY_DEFAULTS)
     counts = torch.tensor([1, 2, 3, 4])
-    method = build_method(cfg["method"], 4, counts)
+    method = build_method(cfg, 4, counts)
     student, teacher = torch.randn(32, 4, requires_grad=True), torch.randn(32, 4) * 2
     step = method(student, teacher)
     ema = ResponseEMA(4, 0.5)
@@ -96,7 +97,7 @@ def test_methods_are_the_core_functions(name):
     step.loss.backward()
     assert student.grad is not None
     assert set(method.state_dict()) == {"prior", "response.qhat"}
-    assert build_method({**cfg["method"], "name": "supervised"}, 4) is None
+    assert build_method({**cfg, "method": {**cfg["method"], "name": "supervised"}}, 4) is None
 
 
 def test_cli_trains_debiaspl_on_digits_and_learns(tmp_path, capsys):
@@ -111,7 +112,7 @@ def test_cli_trains_debiaspl_on_digits_and_learns(tmp_path, capsys):
     assert res["top1"] > 0.6, res  # chance is 0.1
     assert res["pl_train"]["mask_ratio"] > 0.1 and res["pl_train"]["accuracy"] > 0.6
     assert abs(sum(res["qhat"]) - 1) < 1e-4 and len(res["pl_final"]["counts"]) == 10
-    ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    ckpt = load_checkpoint(out / "checkpoints" / "last.pt", kind="classification")
     assert ckpt["step"] == 150 and ckpt["config"]["method"]["name"] == "debiaspl"
     assert set(ckpt["method"]) >= {"response.qhat"}
     lines = (out / "unlabeled.txt").read_text().splitlines()
@@ -141,8 +142,8 @@ def test_teacher_mode_pseudo_labels_come_from_the_file_and_are_debiased(tmp_path
     res = {}
     for name in ("fixmatch", "debiaspl"):
         cfg = load_config(str(CONFIGS / "digits_debiaspl.yaml"),
-                          [f"method.name={name}", f"method.teacher_logits={path}",
-                           "method.threshold=0.0", "method.tau=1.0", "method.qhat_momentum=0.8",
+                          [f"method.name={name}", f"teacher.logits={path}",
+                           "method.threshold=0.0", "debias.tau=1.0", "debias.momentum=0.8",
                            "train.steps=25", *FAST], CLASSIFY_DEFAULTS)
         res[name] = train_classifier(cfg, None, progress=False, data=data)
         assert res[name]["teacher_mode"]
@@ -165,11 +166,11 @@ def test_teacher_logits_file_errors_name_the_file(tmp_path, capsys):
     bad = tmp_path / "wrong_rows.npy"
     np.save(bad, np.zeros((7, 10), dtype=np.float32))
     rc = main(["classify", "--config", str(CONFIGS / "digits_debiaspl.yaml"), "--out", str(tmp_path / "r"),
-               "--no-progress", f"method.teacher_logits={bad}", "train.steps=2"])
+               "--no-progress", f"teacher.logits={bad}", "train.steps=2"])
     err = capsys.readouterr().err
     assert rc != 0 and "wrong_rows.npy" in err and "(7, 10)" in err and "Traceback" not in err
     rc = main(["classify", "--config", str(CONFIGS / "digits_debiaspl.yaml"), "--no-progress",
-               f"method.teacher_logits={tmp_path / 'missing.npy'}"])
+               f"teacher.logits={tmp_path / 'missing.npy'}"])
     assert rc != 0 and "missing.npy" in capsys.readouterr().err
 
 
@@ -240,10 +241,10 @@ def test_cli_trains_on_an_image_folder(tmp_path, capsys):
     index.write_text("ant/ant_00.png\nbee/bee_00.png\ncat/cat_00.png\n")
     cfg = tmp_path / "folder.yaml"
     cfg.write_text(f"data: {{dataset: folder, root: '{root}', labeled_index: '{index}', "
-                   "image_size: 16}\nmethod: {name: debiaspl, ema_momentum: 0.9}\n"
-                   "train: {steps: 6, batch_size: 4, eval_every: 3}\n")
+                   "image_size: 16}\nmethod: {name: debiaspl}\n"
+                   "train: {steps: 6, batch_size: 4, ema_momentum: 0.9, val_every: 3}\n")
     rc = main(["classify", "--config", str(cfg), "--out", str(tmp_path / "run"), "--no-progress",
-               "method.mu=2"])
+               "train.unlabeled_batch_size=8"])
     out = capsys.readouterr()
     assert rc == 0, out.err
     res = json.loads((tmp_path / "run" / "results.json").read_text())
@@ -252,7 +253,9 @@ def test_cli_trains_on_an_image_folder(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("override,named", [
-    ("method.tauu=1", "method.tauu"), ("method.tau=high", "method.tau"),
+    ("method.tauu=1", "method.tauu"), ("debias.tau=high", "debias.tau"),
+    ("train.amp=fp32", "train.amp"), ("debias.reference=labeled", "debias.reference"),
+    ("train.unlabeled_batch_size=0", "train.unlabeled_batch_size"),
     ("train.steps=1.5", "train.steps"), ("method.name=mixmatch", "method.name"),
     ("train.steps=0", "train.steps"), ("data.dataset=cifar", "data.dataset"),
     ("data=3", "data"), ("optim.schedule=step", "optim.schedule"),

@@ -218,7 +218,7 @@ def classification_ckpt(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("classify") / "run"
     cfg = Path(__file__).resolve().parents[2] / "configs" / "digits_supervised.yaml"
     assert main(["classify", "--config", str(cfg), "--out", str(out), "--no-progress", "train.steps=2",
-                 "train.batch_size=16", "train.eval_every=1000", "train.log_every=5"]) == 0
+                 "train.batch_size=16", "train.val_every=1000", "train.log_every=5"]) == 0
     return out / "checkpoints" / "last.pt"
 
 

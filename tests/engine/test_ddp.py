@@ -33,10 +33,10 @@ def _worker(rank: int, world: int, port: int, prep: str, out: str, dump: str) ->
     orig = DebiasPL.train_step
 
     def record(self, batch, step):
-        loss, logs = orig(self, batch, step)
+        out = orig(self, batch, step)
         seen.setdefault("qhat", []).append(self.qhat.clone())
         seen["algo"] = self
-        return loss, logs
+        return out
 
     DebiasPL.train_step = record
     train(tiny_cfg(prep, "debiaspl", "train.steps=3", "train.val_every=3"), out)

@@ -62,8 +62,10 @@ def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(prep, tmp
     orig = Supervised.train_step
 
     def poisoned(self, batch, step):
-        loss, logs = orig(self, batch, step)
-        return (loss * float("nan") if step == 3 else loss), logs
+        out = orig(self, batch, step)
+        if step == 3:
+            out.loss = out.loss * float("nan")
+        return out
 
     monkeypatch.setattr(Supervised, "train_step", poisoned)
     out = tmp_path / "run"

@@ -176,7 +176,8 @@ def _outputs(algo, batch):
 def test_loss_name_ga_is_the_supervised_term(method):
     algo = _algo(method, _cfg("loss.name=ga"))
     batch = _batch(1)
-    _, logs = algo.train_step(batch, 0)
+    out = algo.train_step(batch, 0)
+    _, logs = out.loss, out.logs
     with torch.no_grad():
         z = algo.student(batch["image"])
     want = ga_loss(z, batch["label"][:, 0].long(), k=10, gamma=0.5)
@@ -186,7 +187,8 @@ def test_loss_name_ga_is_the_supervised_term(method):
 def test_ga_step_wiring():
     algo = _algo("ga", _cfg("ga.lambda_u=0.5", "ga.rampup=0.0"))
     batch = _batch(2)
-    loss, logs = algo.train_step(batch, 3)
+    out = algo.train_step(batch, 3)
+    loss, logs = out.loss, out.logs
     za, zb, y = _outputs(algo, batch)
 
     def flat(z):
@@ -214,12 +216,15 @@ def test_ga_step_wiring():
 def test_ga_options():
     batch = _batch(3)
     algo = _algo("ga", _cfg("train.steps=10"))        # the published 0.1, ramped over the whole run
-    _, logs = algo.train_step(batch, 4)
+    out = algo.train_step(batch, 4)
+    _, logs = out.loss, out.logs
     assert logs["unsup_weight"] == pytest.approx(0.1 * math.exp(-5 * 0.6 ** 2))
-    _, logs = _algo("ga", _cfg("ga.threshold=0.99")).train_step(batch, 0)
+    out = _algo("ga", _cfg("ga.threshold=0.99")).train_step(batch, 0)
+    _, logs = out.loss, out.logs
     assert logs["mask_ratio"].item() < 1.0
     algo = _algo("ga", _cfg("ga.sup_loss=shared", "loss.name=batch_dice_ce", "ga.cps_dice=true"))
-    _, logs = algo.train_step(batch, 0)
+    out = algo.train_step(batch, 0)
+    _, logs = out.loss, out.logs
     with torch.no_grad():
         za, zb = algo.student(batch["image"]), algo.student2(batch["image"])
     y = batch["label"][:, 0].long()

@@ -111,7 +111,8 @@ def test_diffdw_absent_class(skip):
 def test_dhc_step_weights_each_network_by_its_own_scheme():
     algo = _algo("dhc", _cfg("dhc.lambda_u=0.5", "dhc.rampup=0.0", "dhc.sup_loss=published"))
     batch = _batch(1)
-    loss, logs = algo.train_step(batch, 0)
+    out = algo.train_step(batch, 0)
+    loss, logs = out.loss, out.logs
     x = torch.cat([batch["image"], batch["image_weak"]])
     y = batch["label"][:, 0].long()
     with torch.no_grad():
@@ -149,7 +150,8 @@ def test_shared_supervised_loss_carries_the_methods_weights(method):
     from medseg_dpl.methods.losses import supervised_loss
     algo = _algo(method, _cfg("loss.name=batch_dice_ce"))
     batch = _batch(3)
-    _, logs = algo.train_step(batch, 0)
+    out = algo.train_step(batch, 0)
+    _, logs = out.loss, out.logs
     x, y = batch["image"], batch["label"][:, 0].long()
     with torch.no_grad():
         za, zb = algo.student(x), algo.student2(x)
@@ -163,7 +165,8 @@ def test_shared_supervised_loss_carries_the_methods_weights(method):
 
 def test_dhc_threshold_masks_cross_pseudo_labels():
     algo = _algo("dhc", _cfg("dhc.threshold=0.99"))
-    _, logs = algo.train_step(_batch(2), 0)
+    out = algo.train_step(_batch(2), 0)
+    _, logs = out.loss, out.logs
     assert logs["mask_ratio"].item() < 1.0
 
 
@@ -224,7 +227,8 @@ def test_cld_step_keeps_voxels_by_class_rate(mask_by):
     algo.conf.copy_(torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]))  # A: never class 0
     batch = _batch(4)
     torch.manual_seed(7)
-    loss, logs = algo.train_step(batch, 0)
+    out = algo.train_step(batch, 0)
+    loss, logs = out.loss, out.logs
     assert logs["keep_rate_a"].tolist() == pytest.approx([0.0, 1.0, 1.0, 1.0])
     x = torch.cat([batch["image"], batch["image_weak"]])
     with torch.no_grad():

@@ -68,9 +68,11 @@ def test_debiaspl_tau0_equals_fixmatch(reference):
     fm, dp = _algo("fixmatch", cfg, PRIOR), _algo("debiaspl", cfg, PRIOR)
     batch = _batch()
     torch.manual_seed(1)  # CutMix draws boxes from the global RNG (the trainer seeds it per step)
-    loss_f, logs_f = fm.train_step(batch, 5)
+    out = fm.train_step(batch, 5)
+    loss_f, logs_f = out.loss, out.logs
     torch.manual_seed(1)
-    loss_d, logs_d = dp.train_step(batch, 5)
+    out = dp.train_step(batch, 5)
+    loss_d, logs_d = out.loss, out.logs
     assert torch.equal(loss_f, loss_d)
     assert torch.equal(logs_f["pl_share"], logs_d["pl_share"])
     assert not torch.allclose(dp.qhat, torch.full((C,), 0.25))  # q̂ still tracks the response
@@ -86,7 +88,8 @@ def test_debiaspl_step_matches_formulas(reference, include_bg):
     q0 = torch.tensor([0.5, 0.3, 0.15, 0.05])
     algo.response.qhat.copy_(q0)
     batch = _batch(1)
-    loss, logs = algo.train_step(batch, 3)
+    out = algo.train_step(batch, 3)
+    loss, logs = out.loss, out.logs
 
     with torch.no_grad():
         zw = algo.teacher(batch["image_weak"]).double()
@@ -131,14 +134,17 @@ def test_fixmatch_rampup_and_teacher_mode():
     cfg = _cfg("method.rampup=0.25", "train.steps=40", "method.lambda_u=2.0")   # 10 ramp steps
     algo = _algo("fixmatch", cfg)
     batch = _batch(3)
-    _, logs0 = algo.train_step(batch, 0)
-    _, logs10 = algo.train_step(batch, 10)
+    out = algo.train_step(batch, 0)
+    _, logs0 = out.loss, out.logs
+    out = algo.train_step(batch, 10)
+    _, logs10 = out.loss, out.logs
     assert logs0["unsup_weight"] == pytest.approx(2 * sigmoid_rampup(0, 10))
     assert logs10["unsup_weight"] == 2.0
     # teacher mode: confident external probabilities become the pseudo-labels
     lab = torch.randint(0, C, (2, 8, 8, 8))
     batch["teacher_probs"] = F.one_hot(lab, C).movedim(-1, 1).float() * 0.9 + 0.1 / C
-    _, logs = algo.train_step(batch, 10)
+    out = algo.train_step(batch, 10)
+    _, logs = out.loss, out.logs
     assert logs["mask_ratio"].item() == 1.0
     assert torch.allclose(logs["pl_share"], class_share(lab, None, C))
 
@@ -148,7 +154,8 @@ def test_cps_depl_updates_both_networks_and_qhats():
     torch.manual_seed(0)
     a, b = build_model(cfg["model"], 1, C), build_model(cfg["model"], 1, C)
     algo = get_method("cps_depl")(a, cfg, C, PRIOR, student2=b).train()
-    loss, logs = algo.train_step(_batch(4), 1)
+    out = algo.train_step(_batch(4), 1)
+    loss, logs = out.loss, out.logs
     loss.backward()
     assert torch.isfinite(loss)
     for net in (a, b):
@@ -165,7 +172,8 @@ def test_supervised_is_dice_plus_ce():
     cfg = _cfg()
     algo = _algo("supervised", cfg)
     batch = _batch(5)
-    loss, _ = algo.train_step(batch, 0)
+    out = algo.train_step(batch, 0)
+    loss, _ = out.loss, out.logs
     from monai.losses import DiceCELoss
     ref = DiceCELoss(to_onehot_y=True, softmax=True)(algo.student(batch["image"]), batch["label"])
     assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
@@ -194,7 +202,8 @@ def test_debiaspl_organ_prior_step_matches_formulas():
     torch.testing.assert_close(algo.qhat, PRIOR)          # starts at the reference
     assert torch.allclose(algo.bias(), torch.zeros(C), atol=1e-6)  # no bias before any evidence
     batch = _batch(6)
-    loss, logs = algo.train_step(batch, 2)
+    out = algo.train_step(batch, 2)
+    loss, logs = out.loss, out.logs
     with torch.no_grad():
         zw = algo.teacher(batch["image_weak"]).double()
         zs = algo.student(torch.cat([batch["image"], batch["image_strong"]]))[2:].double()
@@ -223,7 +232,8 @@ def test_class_thresholds_once_per_step_background_fixed(method, background):
                "method.threshold=0.6", f"method.background_threshold={background}")
     algo = _algo(method, cfg, PRIOR)
     rate0 = algo.confident.qhat.clone()
-    _, logs = algo.train_step(_batch(7), 0)
+    out = algo.train_step(_batch(7), 0)
+    _, logs = out.loss, out.logs
     thr = logs["thresholds"]
     want = classwise_thresholds(rate0, PRIOR, 0.6, 0.2)    # from the statistics before the step
     if background == "fixed":

@@ -63,7 +63,8 @@ def test_every_method_trains_its_labeled_crops_with_the_shared_loss(method):
     g = torch.Generator().manual_seed(1)
     batch = {k: torch.rand(2, 1, 8, 8, 8, generator=g) for k in ("image", "image_weak", "image_strong")}
     batch["label"] = torch.randint(0, C, (2, 1, 8, 8, 8), generator=g).float()
-    _, logs = algo.train_step(batch, 0)
+    out = algo.train_step(batch, 0)
+    _, logs = out.loss, out.logs
     if cls.num_networks == 2:
         return  # their weights differ from 1 by design; tests/test_imbalance_methods.py checks them
     with torch.no_grad():
@@ -127,7 +128,8 @@ def test_supervised_controls_carry_a_peers_class_weights(kind):
     assert torch.allclose(algo.sup_class_weight, want)
     g = torch.Generator().manual_seed(2)
     x, y = torch.rand(2, 1, 8, 8, 8, generator=g), torch.randint(0, C, (2, 1, 8, 8, 8), generator=g)
-    _, logs = algo.train_step({"image": x, "label": y.float()}, 0)
+    out = algo.train_step({"image": x, "label": y.float()}, 0)
+    _, logs = out.loss, out.logs
     with torch.no_grad():
         ref = supervised_loss(algo.student(x), y[:, 0], "batch_dice_ce", want)
     assert logs["loss/sup"].item() == pytest.approx(ref.item(), rel=1e-5)
@@ -143,7 +145,8 @@ def test_logit_adjustment_moves_the_ce_only():
     algo = get_method("supervised")(build_model(cfg["model"], 1, C), cfg, C, prior)
     g = torch.Generator().manual_seed(3)
     x, y = torch.rand(2, 1, 8, 8, 8, generator=g), torch.randint(0, C, (2, 1, 8, 8, 8), generator=g)
-    _, logs = algo.train_step({"image": x, "label": y.float()}, 0)
+    out = algo.train_step({"image": x, "label": y.float()}, 0)
+    _, logs = out.loss, out.logs
     with torch.no_grad():
         z = algo.student(x).double()
     adj = z + torch.log(prior.double()).reshape(1, C, 1, 1, 1)
