@@ -15,8 +15,10 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
+from medseg_dpl.errors import MedsegError
 
-class ConfigError(ValueError):
+
+class ConfigError(MedsegError, ValueError):
     """A config file or override that does not fit the schema; the message names the key."""
 
 

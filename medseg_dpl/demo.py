@@ -25,6 +25,8 @@ from typing import Sequence
 
 import numpy as np
 
+from medseg_dpl.errors import EXIT_ERROR
+
 METHODS = ("supervised", "fixmatch", "debiaspl")
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 # Benchmark rows that are a registered method with fixed overrides (the paper-exact DebiasPL is
@@ -376,7 +378,7 @@ def _cmd_demo(args) -> int:
         from medseg_dpl.config import ConfigError
         if isinstance(exc, (ConfigError, FileNotFoundError, ValueError)):
             print(f"error: {exc}", file=sys.stderr)
-            return 2
+            return EXIT_ERROR
         raise
     return 0
 

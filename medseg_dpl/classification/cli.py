@@ -10,6 +10,7 @@ from medseg_dpl.classification.datasets import DatasetError
 from medseg_dpl.classification.defaults import load_classify_config
 from medseg_dpl.classification.trainer import train_classifier
 from medseg_dpl.config import ConfigError
+from medseg_dpl.errors import EXIT_ERROR
 
 
 def register(subparsers) -> None:
@@ -39,7 +40,7 @@ def run_classify(args: argparse.Namespace) -> int:
         res = train_classifier(cfg, out, progress=not args.no_progress)
     except (ConfigError, DatasetError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
     print(f"method {res['method']}  seed {res['seed']}  steps {res['steps']}  "
           f"labeled {res['num_labeled']}  unlabeled {res['num_unlabeled']}  test {res['num_test']}")
     print(f"top-1 {_fmt(res['top1'])} (EMA model), {_fmt(res['top1_student'])} (student)")

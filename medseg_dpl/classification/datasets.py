@@ -18,10 +18,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
+from medseg_dpl.errors import MedsegError
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
 
-class DatasetError(ValueError):
+class DatasetError(MedsegError, ValueError):
     """A data folder, index file or logits file that cannot be used; names the path."""
 
 

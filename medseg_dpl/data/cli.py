@@ -5,11 +5,12 @@ import argparse
 import sys
 
 from medseg_dpl.data.readers import DATASETS
+from medseg_dpl.errors import EXIT_ERROR
 
 
 def _error(msg: str) -> int:
     print(f"error: {msg}", file=sys.stderr)
-    return 1
+    return EXIT_ERROR
 
 
 def _data_errors():
@@ -57,7 +58,7 @@ def cmd_check(args) -> int:
         print(f"error: {len(problems)} problem(s) in {args.raw}:", file=sys.stderr)
         for p in problems:
             print(f"  {p}", file=sys.stderr)
-        return 1
+        return EXIT_ERROR
     n_lab = sum(c.label is not None for c in cases)
     print(f"ok: {len(cases)} case(s) in {args.raw} ({n_lab} with labels), no problems found")
     return 0
@@ -77,7 +78,7 @@ def cmd_prep(args) -> int:
               file=sys.stderr)
         for p in exc.problems:
             print(f"  {p}", file=sys.stderr)
-        return 1
+        return EXIT_ERROR
     except _data_errors() as exc:
         return _error(str(exc))
     return 0

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medseg_dpl.errors import MedsegError
 from medseg_dpl.utils import atomic_path
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -26,7 +27,7 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
-class DataError(ValueError):
+class DataError(MedsegError, ValueError):
     """Bad input data; the message names the file and the cause."""
 
 

@@ -135,6 +135,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from medseg_dpl.data.labels import AMOS_CLASSES, SYNAPSE_CLASSES
+from medseg_dpl.errors import MedsegError
 from medseg_dpl.utils import atomic_path
 
 __all__ = ["PhantomError", "PhantomCase", "phantom_case", "make_phantom", "LAYOUTS",
@@ -149,7 +150,7 @@ PHASES = ("non_contrast", "arterial", "portal_venous", "delayed")
 _ALIASES = {"postcava": "inferior_vena_cava"}
 
 
-class PhantomError(ValueError):
+class PhantomError(MedsegError, ValueError):
     """Bad arguments to the phantom generator (the message says which and why)."""
 
 

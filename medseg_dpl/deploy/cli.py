@@ -4,9 +4,11 @@ from __future__ import annotations
 import logging
 import sys
 
+from medseg_dpl.errors import EXIT_ERROR
+
 
 def run_export(args) -> int:
-    """Export; a refused checkpoint prints ``error: <file>: <cause>`` and exits 2."""
+    """Export; a refused checkpoint prints ``error: <file>: <cause>`` and exits 1."""
     from medseg_dpl.deploy.export import ExportError, export_bundle
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
@@ -17,7 +19,7 @@ def run_export(args) -> int:
         return 0
     except ExportError as exc:  # nothing was written
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
 
 
 def run_hint(bundle) -> str:

@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medseg_dpl.errors import MedsegError
+
 log = logging.getLogger(__name__)
 
 BUNDLE_VERSION = "0.1.0"
@@ -52,7 +54,7 @@ TENSOR_REQUIRED = ("type", "format", "modality", "num_channels", "spatial_shape"
                    "value_range", "is_patch_data", "channel_def")
 
 
-class ExportError(RuntimeError):
+class ExportError(MedsegError, RuntimeError):
     """A checkpoint that cannot be exported; the message names the file and the cause."""
 
 

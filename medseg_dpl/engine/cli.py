@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 
 from medseg_dpl.config import ConfigError, load_config
+from medseg_dpl.errors import EXIT_ERROR
 
 
 def run_train(args) -> int:
@@ -15,7 +16,7 @@ def run_train(args) -> int:
         result = train(cfg, args.out, resume=args.resume)
     except (ConfigError, TrainingError, TeacherPredictionError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_ERROR
     if "final_dice_mean" in result:
         print(f"best mean Dice {result['best_metric']:.4f} at step {result['best_step']}; "
               f"final {result['final_dice_mean']:.4f}; outputs in {args.out}")

@@ -21,10 +21,11 @@ import torch
 from monai.data import DataLoader, list_data_collate
 from torch.utils.data import Dataset, DistributedSampler
 
+from medseg_dpl.errors import MedsegError
 from medseg_dpl.utils import seed_everything
 
 
-class TeacherPredictionError(ValueError):
+class TeacherPredictionError(MedsegError, ValueError):
     """An external teacher prediction that is missing or does not fit its case."""
 
 

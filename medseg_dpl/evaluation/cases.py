@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from medseg_dpl.errors import MedsegError
 from medseg_dpl.evaluation.predict import infer_probs, iter_case_predictions
 
 
-class EvalError(RuntimeError):
+class EvalError(MedsegError, RuntimeError):
     """Inputs that cannot be scored; the message names the file and the cause."""
 
 

@@ -6,6 +6,7 @@ import logging
 import sys
 from pathlib import Path
 
+from medseg_dpl.errors import EXIT_ERROR
 from medseg_dpl.evaluation.metrics import PROTOCOLS
 
 
@@ -33,7 +34,7 @@ def _guard(fn):
             return int(fn(args) or 0)
         except _errors() as exc:
             print(f"error: {exc}", file=sys.stderr)
-            return 1
+            return EXIT_ERROR
     return run
 
 

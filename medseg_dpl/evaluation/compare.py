@@ -18,10 +18,11 @@ from typing import Sequence
 import numpy as np
 
 from medseg_dpl.data.labels import short_name
+from medseg_dpl.errors import MedsegError
 from medseg_dpl.utils import atomic_path, save_figure
 
 
-class CompareError(RuntimeError):
+class CompareError(MedsegError, RuntimeError):
     """A run folder without a usable summary, or runs scored on different organs."""
 
 

@@ -50,11 +50,13 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from medseg_dpl.errors import MedsegError
+
 PROTOCOLS = ("standard", "dhc")
 DHC_PENALTY = 128.0  # DHC's evaluate_Ntimes.py: distance recorded when an organ is missed
 
 
-class MetricInputError(ValueError):
+class MetricInputError(MedsegError, ValueError):
     """Label maps that cannot be scored together (shape mismatch, labels out of range)."""
 
 

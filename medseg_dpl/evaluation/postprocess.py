@@ -33,13 +33,15 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from medseg_dpl.errors import MedsegError
+
 FORMAT = "medseg-dpl-postprocessing"
 CONNECTIVITY = 3                     # 26-neighbourhood in 3D
 DEFAULT_FRACTIONS = (0.1, 0.25)      # candidate min_fraction values of ``remove_small``
 OPS = ("none", "keep_largest", "remove_small")
 
 
-class PostprocessError(RuntimeError):
+class PostprocessError(MedsegError, RuntimeError):
     """A bad decision file/record or a run that cannot be post-processed; names the file."""
 
 

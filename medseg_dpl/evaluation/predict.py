@@ -25,6 +25,7 @@ from tqdm import tqdm
 from medseg_dpl.checkpoint import CheckpointError, load_checkpoint
 from medseg_dpl.data.io import dicom_series_ids, list_nifti, read_header
 from medseg_dpl.data.preprocess import DEFAULT_CLIP, intensity_kwargs, preprocess_image, restore_to_original
+from medseg_dpl.errors import MedsegError
 from medseg_dpl.evaluation.postprocess import PostprocessError, apply_postprocessing, decision_for_checkpoint
 from medseg_dpl.utils import atomic_path
 
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
-class PredictError(RuntimeError):
+class PredictError(MedsegError, RuntimeError):
     """Bad checkpoint or input; the message names the file and the cause."""
 
 

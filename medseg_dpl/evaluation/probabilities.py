@@ -16,12 +16,13 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
+from medseg_dpl.errors import MedsegError
 from medseg_dpl.utils import atomic_path
 
 PROBS_SUFFIX = "_probs.npz"
 
 
-class ProbsFileError(ValueError):
+class ProbsFileError(MedsegError, ValueError):
     """A probability file that is missing, unreadable or malformed; the message names it."""
 
 
