@@ -49,6 +49,9 @@ ALIASES = {
     "debiaspl_la": ("debiaspl", ["loss.logit_adjust=0.5"]),
     "fixmatch_balanced": ("fixmatch", ["method.unsup_loss=balanced_ce"]),
     "debiaspl_balanced": ("debiaspl", ["method.unsup_loss=balanced_ce"]),
+    # soft (debiased) teacher targets on the voxels below the threshold, a quarter of a hard voxel
+    "fixmatch_soft": ("fixmatch", ["method.soft_weight=0.25"]),
+    "debiaspl_soft": ("debiaspl", ["method.soft_weight=0.25"]),
     "debiaspl_rare": ("debiaspl", ["loss.logit_adjust=1.0", "method.unsup_loss=balanced_ce",
                                    "method.class_thresholds=true"]),
     "fixmatch_rare": ("fixmatch", ["loss.logit_adjust=1.0", "method.unsup_loss=balanced_ce",

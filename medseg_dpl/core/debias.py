@@ -158,6 +158,23 @@ def class_balanced_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
     return balanced * m.sum() / m.numel()
 
 
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
+                       mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """−Σ_c p_c·log softmax(z)_c averaged over *all* positions, masked-out ones contributing
+    zero (the normalisation of :func:`masked_cross_entropy`, so a kept position weighs the same
+    in both), in float32.
+
+    ``logits`` and ``target`` probabilities ``(N, C, *)``, ``mask`` bool ``(N, *)`` or None. Its
+    gradient on z is softmax(z) − p: a class whose target probability exceeds the student's is
+    pushed up where that holds (the soft counterfactual targets below the threshold, where no
+    hard pseudo-label is kept).
+    """
+    ce = -(target.float() * F.log_softmax(logits.float(), dim=1)).sum(dim=1)
+    if mask is not None:
+        ce = ce * _flatten_mask(mask, ce[:, None]).reshape(ce.shape).to(ce.dtype)
+    return ce.mean()
+
+
 def _flatten_mask(mask: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     if mask.ndim == probs.ndim and mask.shape[1] == 1:
         mask = mask.squeeze(1)

@@ -45,6 +45,8 @@ SEG_DEFAULTS = {
         "threshold_floor": 0.5,       # lowest per-class threshold
         "background_threshold": "fixed",  # fixed: background keeps method.threshold | adaptive: its own
         "threshold_momentum": 0.99,   # EMA of the confident pseudo-labels' class shares
+        "soft_weight": 0.0,           # > 0: + this weight × soft CE towards the (debiased) teacher
+                                      #   probabilities on the voxels below the threshold
     },
     "debias": {
         "variant": "organ_prior",     # organ_prior (organ-only, prior-matched) | paper

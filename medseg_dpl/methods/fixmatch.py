@@ -18,7 +18,7 @@ import torch
 from monai.losses import MaskedDiceLoss
 
 from medseg_dpl.core.debias import (ResponseEMA, class_balanced_cross_entropy, classwise_thresholds,
-                                    masked_cross_entropy, pseudo_labels)
+                                    masked_cross_entropy, pseudo_labels, soft_cross_entropy)
 from medseg_dpl.methods.base import Algorithm, StepResult, class_share
 from medseg_dpl.methods.checks import check_ignored_keys
 from medseg_dpl.methods.options import PseudoLabelOptions, parse
@@ -113,23 +113,31 @@ class FixMatch(Algorithm):
         if self.opts.class_thresholds:
             self.confident.update_labels(labels_u, mask)
 
-        x_s, mixed_labels, mixed_mask = batch["image_strong"], labels_u, mask
+        x_s, mixed_labels, mixed_mask, mixed_probs = batch["image_strong"], labels_u, mask, probs
         if self.opts.cutmix > 0 and x_s.shape[0] > 1:
             box = cutmix_boxes(x_s.shape[0], tuple(x_s.shape[2:]), self.opts.cutmix, x_s.device)
             other = torch.roll(torch.arange(x_s.shape[0], device=x_s.device), -1)
             x_s = torch.where(box[:, None], x_s[other], x_s)
             mixed_labels = torch.where(box, labels_u[other], labels_u)
             mixed_mask = torch.where(box, mask[other], mask)
+            if self.opts.soft_weight > 0:
+                mixed_probs = torch.where(box[:, None], probs[other], probs)
 
         logits = self.student(torch.cat([x_l, x_s], dim=0))
         logits_l, logits_s = logits[: x_l.shape[0]], logits[x_l.shape[0]:]
         sup = self.supervised_loss(logits_l, y_l)
-        unsup = self.unsup_loss(self.unsup_logits(logits_s), mixed_labels, mixed_mask)
+        z_u = self.unsup_logits(logits_s)
+        unsup = self.unsup_loss(z_u, mixed_labels, mixed_mask)
+        scalars = {}
+        if self.opts.soft_weight > 0:   # the (debiased) teacher's soft targets where no hard label is kept
+            soft = soft_cross_entropy(z_u, mixed_probs, ~mixed_mask)
+            unsup = unsup + self.opts.soft_weight * soft
+            scalars["loss/soft"] = soft.detach()
         weight = self.unsup_weight(step)
         loss = sup + weight * unsup
         per_class = {"pl_share": class_share(labels_u, mask, self.num_classes), **extra}
         if isinstance(thr, torch.Tensor):
             per_class["thresholds"] = thr.detach().clone()
         return StepResult(loss, {"loss/sup": sup.detach(), "loss/unsup": unsup.detach(),
-                                 "unsup_weight": weight, "mask_ratio": mask.float().mean()},
+                                 "unsup_weight": weight, "mask_ratio": mask.float().mean(), **scalars},
                           per_class, labels_u, mask)

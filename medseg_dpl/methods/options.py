@@ -53,6 +53,7 @@ class PseudoLabelOptions:
     threshold_floor: float
     background_threshold: str = choice("fixed", "adaptive")
     threshold_momentum: float
+    soft_weight: float
 
 
 @dataclass(frozen=True)
