@@ -318,5 +318,7 @@ def update_response(ema: "ResponseEMA", logits: torch.Tensor, opts: DebiasOption
     """Fold the teacher's ``(N, C, *)`` logits into ``ema`` (hard labels are counted rather
     than one-hot encoded: same q̂, less work); ``mask`` ``(N, *)`` keeps some positions."""
     if opts.hard:
-        return ema.update_labels(logits.detach().argmax(dim=1), mask)
+        # max(dim).indices: the same first-maximum index as argmax, ~10x faster on CPU for a
+        # (N, C, D, H, W) class axis (argmax took 3 % of a DebiasPL step)
+        return ema.update_labels(logits.detach().max(dim=1).indices, mask)
     return ema.update(response_probs(logits, opts), mask)

@@ -90,7 +90,7 @@ class CLD(CoTraining):
         sup = (self.weighted_supervised_loss(out_a[:n], y_l, w, c.sup_loss)
                + self.weighted_supervised_loss(out_b[:n], y_l, w, c.sup_loss))
         with torch.no_grad():
-            lab_a, lab_b = out_a.argmax(1), out_b.argmax(1)
+            lab_a, lab_b = out_a.max(1).indices, out_b.max(1).indices  # = argmax, faster on CPU
             rate_a, rate_b = keep_rates(self.conf[0], c.gamma), keep_rates(self.conf[1], c.gamma)
             # A learns from B's labels: keep each voxel with A's rate for its class
             by_a, by_b = (lab_b, lab_a) if c.mask_by == "pseudo_label" else (lab_a, lab_b)

@@ -55,7 +55,7 @@ class DHC(CoTraining):
     @torch.no_grad()
     def update_distdw(self, logits_u: torch.Tensor) -> torch.Tensor:
         """EMA of the DistDW weights towards B's argmax counts on ``(U, C, *)`` logits."""
-        counts = torch.bincount(logits_u.argmax(1).reshape(-1), minlength=self.num_classes).float()
+        counts = torch.bincount(logits_u.max(1).indices.reshape(-1), minlength=self.num_classes).float()
         sum_over_ranks(counts)
         m = self.opts.dist_momentum
         self.weight_b.mul_(m).add_((1 - m) * distdw_weights(counts).to(self.weight_b))
