@@ -2,7 +2,8 @@
 """Refresh the README's benchmark tables from the committed records.
 
 Each block of README.md between ``<!-- tables: benchmarks/NAME -->`` and ``<!-- /tables -->`` is
-replaced by ``benchmarks/NAME/bench_ssl.md``, which ``scripts/bench_ssl.py --report-only --out
+replaced by ``benchmarks/NAME/bench_ssl.md`` (or, for ``benchmarks/NAME/FILE.md``, that file:
+``scripts/ablation_table.py`` writes one), which ``scripts/bench_ssl.py --report-only --out
 benchmarks/NAME ...`` rebuilds from the per-run files alone (test and eval Dice per organ and
 seed, pseudo-label statistics). So every number in those tables can be traced to a file.
 
@@ -23,7 +24,8 @@ BLOCK = re.compile(r"(<!-- tables: (benchmarks/[\w./-]+) -->\n)(.*?)(<!-- /table
 
 def refresh(text: str) -> str:
     def fill(m: re.Match) -> str:
-        src = ROOT / m.group(2) / "bench_ssl.md"
+        # a folder: its bench_ssl.md; or a markdown file (e.g. benchmarks/phantom/ablation.md)
+        src = ROOT / m.group(2) if m.group(2).endswith(".md") else ROOT / m.group(2) / "bench_ssl.md"
         if not src.is_file():
             raise SystemExit(f"{src}: not found (run scripts/bench_ssl.py --report-only --out {m.group(2)})")
         body = src.read_text(encoding="utf-8").replace("\n### ", "\n#### ")
