@@ -28,7 +28,7 @@ with tempfile.TemporaryDirectory() as tmp:
         ck = torch.load(run / "checkpoints/last.pt", weights_only=True)
         ck.pop("rng", None)
         out[m] = {"metrics": res, "last": digest(ck),
-                  "pseudo_labels": json.loads((run / "pseudo_labels.json").read_text()),
+                  "pseudo_labels": json.loads((run / "pseudo_labels.json").read_text(encoding="utf-8")),
                   "files": sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file() and "tb" not in p.parts)}
 Path(sys.argv[2]).write_text(json.dumps(out, indent=1, sort_keys=True, default=str))
 print("wrote", sys.argv[2])

@@ -107,7 +107,7 @@ def test_cli_trains_debiaspl_on_digits_and_learns(tmp_path, capsys):
     captured = capsys.readouterr()
     printed = captured.out
     assert rc == 0, printed + captured.err
-    res = json.loads((out / "results.json").read_text())
+    res = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert "top-1" in printed and f"{100 * res['top1']:.1f} %" in printed
     assert res["top1"] > 0.6, res  # chance is 0.1
     assert res["pl_train"]["mask_ratio"] > 0.1 and res["pl_train"]["accuracy"] > 0.6
@@ -115,7 +115,7 @@ def test_cli_trains_debiaspl_on_digits_and_learns(tmp_path, capsys):
     ckpt = load_checkpoint(out / "checkpoints" / "last.pt", kind="classification")
     assert ckpt["step"] == 150 and ckpt["config"]["method"]["name"] == "debiaspl"
     assert set(ckpt["method"]) >= {"response.qhat"}
-    lines = (out / "unlabeled.txt").read_text().splitlines()
+    lines = (out / "unlabeled.txt").read_text(encoding="utf-8").splitlines()
     assert len(lines) == res["num_unlabeled"]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     acc = EventAccumulator(str(out / "tb"))
@@ -247,9 +247,9 @@ def test_cli_trains_on_an_image_folder(tmp_path, capsys):
                "train.unlabeled_batch_size=8"])
     out = capsys.readouterr()
     assert rc == 0, out.err
-    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    res = json.loads((tmp_path / "run" / "results.json").read_text(encoding="utf-8"))
     assert res["num_labeled"] == 3 and res["num_test"] + res["num_unlabeled"] == 21
-    assert "ant/ant_01.png" in (tmp_path / "run" / "unlabeled.txt").read_text()
+    assert "ant/ant_01.png" in (tmp_path / "run" / "unlabeled.txt").read_text(encoding="utf-8")
 
 
 @pytest.mark.parametrize("override,named", [

@@ -126,7 +126,7 @@ def test_shipped_classify_configs_use_no_deprecated_key():
     files = sorted(CONFIGS.glob("digits_*.yaml"))
     assert len(files) == 3
     for f in files:
-        keys = _flat(yaml.safe_load(f.read_text()))
+        keys = _flat(yaml.safe_load(f.read_text(encoding="utf-8")))
         assert not set(keys) & (set(LEGACY_KEYS) - {"train.amp"}), f
         assert not isinstance(keys.get("train.amp"), bool), f
         with warnings.catch_warnings():

@@ -95,7 +95,7 @@ def test_nnunet_errors_name_the_file_and_write_nothing(tmp_path, capsys, defect)
         img0.rename(raw / "imagesTr" / "case_000_0001.nii.gz")
         expect = [f"{img0}: missing channel file _0000", "channel 0001 is not declared"]
     elif defect == "two_channels":
-        meta = json.loads((raw / "dataset.json").read_text())
+        meta = json.loads((raw / "dataset.json").read_text(encoding="utf-8"))
         meta["channel_names"] = {"0": "T2", "1": "ADC"}
         (raw / "dataset.json").write_text(json.dumps(meta))
         expect = [f"{raw / 'dataset.json'}: 2 input channels", "not supported yet"]
@@ -107,7 +107,7 @@ def test_nnunet_errors_name_the_file_and_write_nothing(tmp_path, capsys, defect)
         nib.save(nib.Nifti1Image(arr, lab.affine), str(lab_path))
         expect = [f"{lab_path}: label values not declared in the labels of {raw / 'dataset.json'}", ": 7"]
     elif defect == "ending":
-        meta = json.loads((raw / "dataset.json").read_text())
+        meta = json.loads((raw / "dataset.json").read_text(encoding="utf-8"))
         meta["file_ending"] = ".nii"
         (raw / "dataset.json").write_text(json.dumps(meta))
         expect = [f"{img0}: does not end with the file_ending '.nii'"]
@@ -129,7 +129,7 @@ def test_nnunet_dataset_json_problems(tmp_path):
     assert any("0..K without gaps" in p for p in _problems(raw))
     raw2 = write_nnunet(tmp_path / "raw2", test_cases=0, labels={"background": 0, "liver": [1, 2]})
     assert any("region labels (liver) are not supported" in p for p in _problems(raw2))
-    meta = json.loads((raw2 / "dataset.json").read_text())
+    meta = json.loads((raw2 / "dataset.json").read_text(encoding="utf-8"))
     meta.update(labels=CLASSES, numTraining=5)
     (raw2 / "dataset.json").write_text(json.dumps(meta))
     assert any("numTraining is 5" in p for p in _problems(raw2))
@@ -214,7 +214,7 @@ def test_chaos_prep_train_eval_predict(chaos_two, tmp_path):
     # 7.5 x 7.5 x 7.7 mm keeps every volume under 48^3 (256 x 1.25 / 7.5 = 43 in-plane)
     assert main(["prep", "--dataset", "nnunet", "--raw", str(chaos_two), "--out", str(prep),
                  "--spacing", "7.5", "7.5", "7.7", "--workers", "1"]) == 0
-    m = json.loads((prep / "dataset.json").read_text())
+    m = json.loads((prep / "dataset.json").read_text(encoding="utf-8"))
     assert m["classes"] == ["background", "liver", "right_kidney", "left_kidney", "spleen"]
     assert m["intensity"]["modality"] == "mr"
     assert all(max(c["shape"]) <= 48 and c["label_outside_crop"] == 0 for c in m["cases"])

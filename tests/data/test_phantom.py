@@ -48,7 +48,7 @@ def test_amos_layout_exact_paths_and_dataset_json(tmp_path):
     assert files == ["imagesTr/amos_0001.nii.gz", "imagesTr/amos_0002.nii.gz", "imagesTr/amos_0003.nii.gz",
                      "imagesVa/amos_0004.nii.gz", "labelsTr/amos_0001.nii.gz", "labelsTr/amos_0002.nii.gz",
                      "labelsTr/amos_0003.nii.gz", "labelsVa/amos_0004.nii.gz"]
-    meta = json.loads((tmp_path / "dataset.json").read_text())
+    meta = json.loads((tmp_path / "dataset.json").read_text(encoding="utf-8"))
     assert meta["labels"] == {str(i): n for i, n in enumerate(AMOS_CLASSES)}
     assert meta["numTraining"] == 3 and len(meta["training"]) == 3
     assert meta["training"][0] == {"image": "./imagesTr/amos_0001.nii.gz", "label": "./labelsTr/amos_0001.nii.gz"}

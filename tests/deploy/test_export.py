@@ -82,7 +82,7 @@ def test_bundle_layout_metadata_and_docs(bundle, phantom_run):
     for f in ("configs/metadata.json", "configs/inference.json", "models/model.pt", "models/model.ts",
               "docs/README.md", "docs/license.txt"):
         assert (bundle / f).is_file(), f
-    meta = json.loads((bundle / "configs/metadata.json").read_text())
+    meta = json.loads((bundle / "configs/metadata.json").read_text(encoding="utf-8"))
     assert check_metadata(meta) == []  # MONAI's required fields (verify_metadata needs the network)
     ck = torch.load(phantom_run, weights_only=True)
     classes = ck["dataset"]["classes"]
@@ -93,7 +93,7 @@ def test_bundle_layout_metadata_and_docs(bundle, phantom_run):
     assert meta["medseg_dpl"]["spacing"] == ck["dataset"]["spacing"]
     assert meta["medseg_dpl"]["patch_size"] == ck["config"]["data"]["patch_size"]
     assert meta["monai_version"] and meta["pytorch_version"] and meta["required_packages_version"]["medseg-dpl"]
-    readme = (bundle / "docs/README.md").read_text()
+    readme = (bundle / "docs/README.md").read_text(encoding="utf-8")
     assert "not for clinical use" in readme.lower() and "supervised" in readme
     assert "labeled fraction: 20 %" in readme  # 1 labeled of 5 train cases (4 unlabeled not used)
     assert "| liver |" in readme  # eval Dice per organ from RUN/metrics.json
@@ -153,7 +153,7 @@ def test_flip_tta_run_exports_predicts_tta(bundle, phantom_run, phantom_raw, tmp
     tta_ckpt.parent.mkdir(parents=True)
     torch.save(ck, tta_ckpt)
     out = export_bundle(tta_ckpt, tmp_path / "bundle")
-    config = json.loads((out / "configs/inference.json").read_text())
+    config = json.loads((out / "configs/inference.json").read_text(encoding="utf-8"))
     assert config["inferer"]["_target_"].endswith("FlipTTAInferer")
     assert "Activationsd" not in json.dumps(config["postprocessing"])  # TTA averages softmaxes
     src = sorted((phantom_raw / "RawData/Training/img").glob("*.nii.gz"))[2]
@@ -205,7 +205,7 @@ def test_monai_bundle_command_line(bundle, phantom_raw, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file",
                            str(bundle / "configs/inference.json"), "--bundle_root", str(bundle),
                            "--dataset_dir", str(inp), "--output_dir", str(tmp_path / "out")],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = nib.load(str(tmp_path / "out" / src.name))
     ref = nib.load(str(src))
@@ -269,7 +269,7 @@ def _chaos_subset(raw: Path, out: Path, n: int = 3) -> list[str]:
     ids = sorted(p.name[: -len("_0000.nii.gz")] for p in (raw / "imagesTr").glob("*_0000.nii.gz"))[:n]
     (out / "imagesTr").mkdir(parents=True)
     (out / "labelsTr").mkdir()
-    info = json.loads((raw / "dataset.json").read_text())
+    info = json.loads((raw / "dataset.json").read_text(encoding="utf-8"))
     (out / "dataset.json").write_text(json.dumps({**info, "numTraining": len(ids)}))
     for i in ids:
         shutil.copy(raw / "imagesTr" / f"{i}_0000.nii.gz", out / "imagesTr")
@@ -296,9 +296,9 @@ def test_bundle_equals_predict_on_a_chaos_mr_case(shared_data, tmp_path):
                    "data.patch_size=[48,48,16]", *FAST_TRAIN), tmp_path / "run")
     ckpt = tmp_path / "run" / "checkpoints" / "best.pt"
     out = export_bundle(ckpt, tmp_path / "bundle")
-    meta = json.loads((out / "configs/metadata.json").read_text())
+    meta = json.loads((out / "configs/metadata.json").read_text(encoding="utf-8"))
     assert meta["network_data_format"]["inputs"]["image"]["modality"] == "MR"
-    assert "CC BY-SA 4.0" in (out / "docs/license.txt").read_text()  # CHAOS's licence, found
+    assert "CC BY-SA 4.0" in (out / "docs/license.txt").read_text(encoding="utf-8")  # CHAOS's licence, found
     inp = tmp_path / "in"
     inp.mkdir()
     shutil.copy(tmp_path / "raw" / "imagesTr" / f"{ids[2]}_0000.nii.gz", inp)

@@ -59,4 +59,4 @@ def test_two_process_gloo_run_keeps_ranks_in_sync(tmp_path):
     for k, v in r0["student"].items():                          # DDP kept the replicas equal
         assert torch.allclose(v, r1["student"][k], atol=1e-6), k
     assert (out / "checkpoints/last.pt").is_file() and (out / "pseudo_labels.json").is_file()
-    assert "2 process(es)" in (out / "train.log").read_text()
+    assert "2 process(es)" in (out / "train.log").read_text(encoding="utf-8")

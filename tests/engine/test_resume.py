@@ -88,5 +88,5 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, method):
         assert not torch.allclose(a["method"]["response.qhat"], torch.full((4,), 0.25))
     elif method == "dhc":  # the class weights moved away from their start
         assert a["method"]["learn"].abs().sum() > 0 and not torch.all(a["method"]["weight_a"] == 4.0)
-    log = (killed / "train.log").read_text()
+    log = (killed / "train.log").read_text(encoding="utf-8")
     assert f"resumed from {last} at step {step_at_kill}" in log

@@ -24,7 +24,7 @@ def prep(tmp_path_factory):
 
 
 def _ids(prep, name):
-    return (prep / "splits" / f"{name}.txt").read_text().split()
+    return (prep / "splits" / f"{name}.txt").read_text(encoding="utf-8").split()
 
 
 def _sources(prep, spatial=True, with_truth=False):
@@ -154,7 +154,7 @@ def test_resumed_step_loader_replays_the_uninterrupted_run(prep):
 def test_teacher_probs_follow_each_unlabeled_crop(prep):
     """The teacher's predictions are the labels themselves (smoothing 0): each crop's teacher
     argmax is the truth cut from the same voxels; labeled crops get no teacher."""
-    man = json.loads((prep / "dataset.json").read_text())
+    man = json.loads((prep / "dataset.json").read_text(encoding="utf-8"))
     tv = TeacherVolumes(str(prep / "labelsTr"), str(prep), man, C, smoothing=0.0)
     batches = StepBatches(_sources(prep, spatial=False, with_truth=True), 0, teacher=tv, patch_size=PATCH)
     for k in (0, 1):
@@ -168,7 +168,7 @@ def test_teacher_probs_follow_each_unlabeled_crop(prep):
 
 @pytest.fixture
 def teacher(prep, tmp_path):
-    man = json.loads((prep / "dataset.json").read_text())
+    man = json.loads((prep / "dataset.json").read_text(encoding="utf-8"))
     d = tmp_path / "preds"
     d.mkdir()
     return d, (lambda s=0.1: TeacherVolumes(str(d), str(prep), man, C, smoothing=s))

@@ -15,7 +15,7 @@ PKG = Path(medseg_dpl.__file__).parent
 def test_no_function_in_engine_is_over_60_lines():
     long = []
     for f in sorted((PKG / "engine").glob("*.py")):
-        for node in ast.walk(ast.parse(f.read_text())):
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 n = node.end_lineno - node.lineno + 1
                 if n > 60:

@@ -27,7 +27,7 @@ def test_each_method_trains_and_writes_outputs(prep, tmp_path, method):
               "pseudo_labels.json", "metrics.json"):
         assert (out / f).is_file(), f
     assert list((out / "tb").glob("events.out.tfevents.*"))
-    log = (out / "train.log").read_text()
+    log = (out / "train.log").read_text(encoding="utf-8")
     assert "validation step 2" in log and "validation step 3" in log
     ck = torch.load(out / "checkpoints/last.pt", weights_only=True)
     assert ck["step"] == 3 and ck["dataset"]["classes"] == CLASSES
@@ -42,7 +42,7 @@ def test_each_method_trains_and_writes_outputs(prep, tmp_path, method):
         assert not torch.allclose(ck["method"]["response.qhat"], torch.full((4,), 0.25))
     if method == "cps_depl":
         assert "student2" in ck
-    rep = json.loads((out / "pseudo_labels.json").read_text())
+    rep = json.loads((out / "pseudo_labels.json").read_text(encoding="utf-8"))
     assert rep["classes"] == CLASSES and rep["method"] == method
     for k in ("labeled_share", "pseudo_label_share", "true_share"):
         assert len(rep[k]) == 4 and sum(rep[k]) == pytest.approx(1.0, abs=1e-6) or sum(rep[k]) == 0
@@ -52,7 +52,7 @@ def test_each_method_trains_and_writes_outputs(prep, tmp_path, method):
         assert sum(rep["organ_share"][k]) == pytest.approx(1.0, abs=1e-6) or sum(rep["organ_share"][k]) == 0
     # π is the labeled split's class frequency, not the whole data set's
     labs = [np.asanyarray(nib.load(str(prep / f"labelsTr/{i}.nii.gz")).dataobj)
-            for i in (prep / "splits/labeled_20p.txt").read_text().split()]
+            for i in (prep / "splits/labeled_20p.txt").read_text(encoding="utf-8").split()]
     counts = np.bincount(np.concatenate([x.ravel() for x in labs]), minlength=4)
     assert rep["labeled_share"] == pytest.approx((counts / counts.sum()).tolist(), abs=1e-6)
 
@@ -75,7 +75,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(prep, tmp
     ck = torch.load(out / "checkpoints/last.pt", weights_only=True)
     assert ck["step"] == 2
     assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
-    assert "at step 3" in (out / "train.log").read_text()
+    assert "at step 3" in (out / "train.log").read_text(encoding="utf-8")
 
 
 def test_cli_train_and_errors(prep, tmp_path, capsys):
@@ -98,7 +98,7 @@ def test_cli_train_and_errors(prep, tmp_path, capsys):
 def test_teacher_crops_follow_the_weak_view_geometry(prep):
     """Cut from a whole-volume label map through the crop affine = the same crop of the labels."""
     from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, RandFlipd, RandSpatialCropd
-    man = json.loads((prep / "dataset.json").read_text())
+    man = json.loads((prep / "dataset.json").read_text(encoding="utf-8"))
     tv = TeacherVolumes(str(prep / "labelsTr"), str(prep), man, 4, smoothing=0.0)
     t = Compose([LoadImaged("image"), EnsureChannelFirstd("image"),
                  RandSpatialCropd("image", (16, 20, 12), random_size=False),
@@ -113,13 +113,13 @@ def test_teacher_crops_follow_the_weak_view_geometry(prep):
 def test_teacher_mode_trains_from_external_predictions(prep, tmp_path):
     preds = tmp_path / "preds"
     preds.mkdir()
-    for i in (prep / "splits/unlabeled_20p.txt").read_text().split():
+    for i in (prep / "splits/unlabeled_20p.txt").read_text(encoding="utf-8").split():
         img = nib.load(str(prep / f"labelsTr/{i}.nii.gz"))
         nib.save(nib.Nifti1Image(np.asarray(img.dataobj).astype(np.uint8), img.affine), str(preds / f"{i}.nii.gz"))
     out = tmp_path / "run"
     train(tiny_cfg(prep, "debiaspl", f"teacher.predictions={preds}", "train.steps=2",
                    "debias.tau=0.5"), out)
-    log = (out / "train.log").read_text()
+    log = (out / "train.log").read_text(encoding="utf-8")
     # perfect one-hot teacher with smoothing 0.1: every voxel is confident before debiasing
     assert "mask_ratio=" in log
     first = [ln for ln in log.splitlines() if "step 1/2" in ln][0]
@@ -136,9 +136,9 @@ def test_debiaspl_on_the_phantom_prep(phantom_prep, tmp_path):
     out = tmp_path / "run"
     result = train(tiny_cfg(phantom_prep, "debiaspl", "data.labeled_split=labeled_25p",
                             "data.unlabeled_split=unlabeled_25p", "train.steps=2"), out)
-    rep = json.loads((out / "pseudo_labels.json").read_text())
+    rep = json.loads((out / "pseudo_labels.json").read_text(encoding="utf-8"))
     assert len(rep["classes"]) == 14 and len(result["final_dice"]) == 13
-    assert rep["num_cases"] == len((phantom_prep / "splits/unlabeled_25p.txt").read_text().split())
+    assert rep["num_cases"] == len((phantom_prep / "splits/unlabeled_25p.txt").read_text(encoding="utf-8").split())
 
 
 def test_debiaspl_paper_tau0_trains_to_the_same_weights_as_fixmatch(prep, tmp_path):

@@ -247,7 +247,7 @@ def test_ga_trains_two_steps_and_logs_per_class_curves(tmp_path):
     ck = torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=True)
     assert "student2" in ck and set(ck["method"]) == {"prior"}
     assert not all(torch.equal(ck["student"][k], ck["student2"][k]) for k in ck["student"])
-    log = (tmp_path / "run/train.log").read_text()
+    log = (tmp_path / "run/train.log").read_text(encoding="utf-8")
     assert "ga_dice=[" in log and "ga_ce=[" in log
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     tags = EventAccumulator(str(tmp_path / "run/tb")).Reload().Tags()["scalars"]

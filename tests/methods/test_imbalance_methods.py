@@ -266,7 +266,7 @@ def test_trains_with_two_networks_and_logs_per_class_curves(tmp_path, method, ve
     assert all(torch.equal(ck["model"][k], ck["teacher"][k]) for k in ck["model"])
     assert not all(torch.equal(ck["model"][k], ck["student"][k]) for k in ck["model"])
     assert not all(torch.equal(ck["student"][k], ck["student2"][k]) for k in ck["student"])
-    log = (tmp_path / "run/train.log").read_text()
+    log = (tmp_path / "run/train.log").read_text(encoding="utf-8")
     assert f"{vector}=[" in log   # the trainer writes one TensorBoard curve per class for (C,) logs
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     tags = EventAccumulator(str(tmp_path / "run/tb")).Reload().Tags()["scalars"]

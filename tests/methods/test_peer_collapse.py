@@ -32,7 +32,7 @@ def test_co_training_peers_keep_organ_shares_near_the_truth(phantom_prep, tmp_pa
         # train with it (cps_depl does: its confident pseudo-labels are what it learns from)
         *([] if method == "cps_depl" else ["method.threshold=0.0"])], SEG_DEFAULTS)
     train(cfg, tmp_path / "run")
-    report = json.loads((tmp_path / "run" / "pseudo_labels.json").read_text())
+    report = json.loads((tmp_path / "run" / "pseudo_labels.json").read_text(encoding="utf-8"))
     share, true = report["organ_share"]["pseudo_label"], report["organ_share"]["true"]
     organs = report["classes"][1:]
     assert sum(true) == pytest.approx(1.0, abs=1e-6)

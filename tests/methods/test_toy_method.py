@@ -32,7 +32,7 @@ def test_a_registered_toy_method_trains_through_the_trainer(tmp_path, monkeypatc
     res = train(tiny_cfg(prep, "entropy_min", "train.steps=4", "train.val_every=2", "train.checkpoint_every=2",
                          "eval.postprocess=false"), run)
     assert res["step"] == 4 and len(res["val_history"]) == 2
-    log = (run / "train.log").read_text()
+    log = (run / "train.log").read_text(encoding="utf-8")
     assert "entropy=" in log and "prob_share=[" in log
     ck = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert ck["kind"] == "segmentation" and ck["step"] == 4 and ck["teacher"] is not None

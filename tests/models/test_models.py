@@ -24,7 +24,7 @@ def _seg_configs() -> list[str]:
     classification demo's and have no network section."""
     names = []
     for p in sorted(CONFIGS.glob("*.yaml")):
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         if "model" in raw or "patch_size" in (raw.get("data") or {}):
             names.append(p.name)
     return names

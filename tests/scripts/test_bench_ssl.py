@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def _bench(*args):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_ssl.py"), *args], env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
 
 
 def test_jobs_record_and_report_only(tmp_path):
@@ -29,11 +29,11 @@ def test_jobs_record_and_report_only(tmp_path):
     run = record / "20p" / "runs" / "supervised_seed1"
     assert {p.name for p in run.rglob("*") if p.is_file()} == {"summary.json", "metrics.json",
                                                                 "pseudo_labels.json", "config.yaml"}
-    assert "--record" in (record / "commands.txt").read_text()
+    assert "--record" in (record / "commands.txt").read_text(encoding="utf-8")
     # tables from the record alone equal those of the run folder
     r2 = _bench("--out", str(record), "--report-only", "--fractions", "0.2", "--seeds", "0", "1",
                 "--methods", "atlas", "supervised")
     assert r2.returncode == 0, r2.stderr[-2000:]
     again = list(csv.DictReader(open(record / "20p" / "results.csv")))
     assert again == rows
-    assert "| supervised |" in (record / "bench_ssl.md").read_text()
+    assert "| supervised |" in (record / "bench_ssl.md").read_text(encoding="utf-8")
