@@ -100,20 +100,27 @@ def set_dotted(cfg: dict, key: str, value: Any) -> dict:
     return merge(cfg, nested)
 
 
+def read_yaml(path: str | Path) -> Mapping:
+    """A config file's top-level mapping, not yet validated; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
 def load_config(path: str | Path | None, overrides: Iterable[str] = (),
                 defaults: Mapping | None = None) -> dict:
     """Defaults <- YAML file <- dotted overrides, each layer validated against the defaults."""
     cfg = copy.deepcopy(dict(defaults or {}))
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+        data = read_yaml(path)
         try:
             cfg = merge(cfg, data)
         except ConfigError as exc:

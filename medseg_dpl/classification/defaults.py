@@ -13,9 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Iterable, Mapping
 
-import yaml
-
-from medseg_dpl.config import ConfigError, parse_override, set_dotted
+from medseg_dpl.config import ConfigError, parse_override, read_yaml, set_dotted
 
 CLASSIFY_DEFAULTS: dict = {
     "data": {
@@ -92,19 +90,6 @@ _LEGACY_VALUES = {"method.prior": {"labeled": "labeled_prior"},
 log = logging.getLogger("medseg_dpl.classify")
 
 
-def _read_yaml(path: Path) -> Mapping:
-    """A config file's top-level mapping, unvalidated (the checks and messages of load_config)."""
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
-    return data
-
-
 def _flat(d: Mapping, prefix: str = "") -> dict:
     """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (non-empty mappings expanded, the rest are leaves)."""
     out = {}
@@ -154,7 +139,7 @@ def load_classify_config(path: str | Path | None = None, overrides: Iterable[str
     cfg = copy.deepcopy(CLASSIFY_DEFAULTS)
     if path is not None:
         path = Path(path)
-        data = _flat(_read_yaml(path))
+        data = _flat(read_yaml(path))
         try:
             for key, value in translate_legacy_keys(data, source=str(path)).items():
                 cfg = set_dotted(cfg, key, value)
