@@ -14,7 +14,6 @@ FixMatch keeps a q̂ as well, for monitoring only (it is what DebiasPL would sub
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -22,17 +21,7 @@ from torch import nn
 
 from medseg_dpl.core.debias import (ResponseEMA, debiased_probs, margin_adjusted_logits,
                                     masked_cross_entropy, pseudo_labels)
-
-
-@dataclass
-class PseudoLabelStep:
-    """What one unlabeled batch produced: ``loss`` (scalar), ``labels`` long ``(N,)``,
-    ``mask`` bool ``(N,)`` (confident), ``probs`` float ``(N, C)`` (the probabilities thresholded)."""
-
-    loss: torch.Tensor
-    labels: torch.Tensor
-    mask: torch.Tensor
-    probs: torch.Tensor
+from medseg_dpl.methods.base import StepResult
 
 
 class PseudoLabelMethod(nn.Module):
@@ -51,7 +40,9 @@ class PseudoLabelMethod(nn.Module):
     def qhat(self) -> torch.Tensor:
         return self.response.qhat
 
-    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> PseudoLabelStep:
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> StepResult:
+        """The unlabeled loss as the segmentation methods report a step (``StepResult``): the
+        loss, q̂ as a per-class vector, the pseudo-labels ``(N,)`` and their confidence mask."""
         teacher_logits = teacher_logits.detach().float()
         self.response.update(torch.softmax(teacher_logits, dim=1))
         if self.debias:
@@ -62,7 +53,7 @@ class PseudoLabelMethod(nn.Module):
             probs = torch.softmax(teacher_logits, dim=1)
         labels, mask = pseudo_labels(probs, self.threshold)
         loss = masked_cross_entropy(student_logits, labels, mask)
-        return PseudoLabelStep(loss, labels, mask, probs)
+        return StepResult(loss, {}, {"qhat": self.qhat.detach().clone()}, labels, mask)
 
 
 def build_method(cfg: dict, num_classes: int,

@@ -224,7 +224,7 @@ def _train(cfg: dict, out_dir, progress: bool, data: Optional[ClassificationData
                 loss_x = F.cross_entropy(logits[:len(x_l)].float(), y_l)
                 pl = method(logits[len(x_l):], t_logits)
                 loss = loss_x + mcfg["lambda_u"] * pl.loss
-                mask, labels = pl.mask.cpu(), pl.labels.cpu()
+                mask, labels = pl.mask.cpu(), pl.pseudo_labels.cpu()
                 pl_counts += np.bincount(labels[mask].numpy(), minlength=C)
                 pl_seen += int(mask.sum())
                 pl_correct += int((labels[mask] == y_u[mask]).sum())

@@ -92,7 +92,7 @@ def test_methods_are_the_core_functions(name):
     else:
         probs, logits = torch.softmax(teacher, 1), student
     labels, mask = pseudo_labels(probs, 0.3)
-    assert torch.equal(step.labels, labels) and torch.equal(step.mask, mask)
+    assert torch.equal(step.pseudo_labels, labels) and torch.equal(step.mask, mask)
     torch.testing.assert_close(step.loss, masked_cross_entropy(logits, labels, mask))
     step.loss.backward()
     assert student.grad is not None
