@@ -54,6 +54,8 @@ class LoggingHook(Hook):
     ``train.log``, crop-level pseudo-label statistics, a progress bar on a terminal (a plain
     line per log step when the output is redirected)."""
 
+    bar = None   # until before_run
+
     def before_run(self, trainer) -> None:
         t, name = trainer.cfg["train"], trainer.cfg["method"]["name"]
         on_tty = sys.stderr.isatty()
@@ -118,7 +120,7 @@ class LoggingHook(Hook):
         self.bar.set_postfix(loss=f"{scalars['loss/total']:.3f}")
 
     def close(self) -> None:
-        if hasattr(self, "bar"):
+        if self.bar is not None:
             self.bar.close()
 
 

@@ -334,7 +334,7 @@ class Trainer:
                 self.done = step + 1
                 self.call("after_step", out)
                 self.barrier()
-            for hook in self.hooks:
+            for hook in self.hooks:   # the bar ends before the final reports' lines
                 hook.close()
             self.result = {"step": self.steps, "best_metric": float(self.best), "best_step": self.best_step,
                            "val_history": self.history}
