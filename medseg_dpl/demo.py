@@ -39,9 +39,6 @@ ALIASES = {
     "supervised_cldw": ("supervised", ["loss.class_weight=cld"]),
     "supervised_distdw": ("supervised", ["loss.class_weight=distdw"]),
     "supervised_ga": ("supervised", ["loss.name=ga"]),    # GA's loss without its co-training
-    # the small-organ additions together (labeled logit adjustment τ_l = 1, class-balanced
-    # unsupervised CE, per-class thresholds with background fixed), on DebiasPL and on FixMatch
-    # (a gain counts for debiasing only if FixMatch with the same additions does not have it)
     # each small-organ addition alone (τ_l = 0.5: τ_l = 1 over-predicted the rare organs on
     # eval), on the method and its control
     "supervised_la": ("supervised", ["loss.logit_adjust=0.5"]),
@@ -52,6 +49,12 @@ ALIASES = {
     # soft (debiased) teacher targets on the voxels below the threshold, a quarter of a hard voxel
     "fixmatch_soft": ("fixmatch", ["method.soft_weight=0.25"]),
     "debiaspl_soft": ("debiaspl", ["method.soft_weight=0.25"]),
+    # the additions that helped alone on eval, together (logit adjustment + soft targets)
+    "fixmatch_la_soft": ("fixmatch", ["loss.logit_adjust=0.5", "method.soft_weight=0.25"]),
+    "debiaspl_la_soft": ("debiaspl", ["loss.logit_adjust=0.5", "method.soft_weight=0.25"]),
+    # the small-organ additions together (labeled logit adjustment τ_l = 1, class-balanced
+    # unsupervised CE, per-class thresholds with background fixed), on DebiasPL and on FixMatch
+    # (a gain counts for debiasing only if FixMatch with the same additions does not have it)
     "debiaspl_rare": ("debiaspl", ["loss.logit_adjust=1.0", "method.unsup_loss=balanced_ce",
                                    "method.class_thresholds=true"]),
     "fixmatch_rare": ("fixmatch", ["loss.logit_adjust=1.0", "method.unsup_loss=balanced_ce",

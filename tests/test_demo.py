@@ -6,9 +6,10 @@ import csv
 import json
 
 import numpy as np
+import pytest
 
 from medseg_dpl.cli import main
-from medseg_dpl.demo import METHODS
+from medseg_dpl.demo import ALIASES, METHODS, _config
 
 
 def test_demo_quick_end_to_end(tmp_path, capsys):
@@ -37,3 +38,21 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
         run = out / "runs" / f"{m}_seed0"
         assert (run / "checkpoints" / "best.pt").is_file() and (run / "eval" / "per_case.csv").is_file()
         assert any((run / "tb").iterdir())
+
+
+@pytest.mark.parametrize("row", sorted(ALIASES))
+def test_every_benchmark_row_builds_its_method(row, tmp_path):
+    """An alias with a misspelt key or a bad value fails here, not an hour into a benchmark."""
+    import torch
+
+    from medseg_dpl.methods import get_method
+
+    cfg = _config(row, tmp_path, tmp_path, "5p", 0, None, None, "cpu", False, [])
+    method, fixed = ALIASES[row]
+    assert cfg["method"]["name"] == method
+    for override in fixed:          # each override reached the merged config
+        key, value = override.split("=", 1)
+        section, name = key.split(".")
+        assert str(cfg[section][name]).lower() == value.lower() or float(cfg[section][name]) == float(value)
+    net = torch.nn.Conv3d(1, 14, 1)
+    get_method(method)(net, cfg, num_classes=14)
