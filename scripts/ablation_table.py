@@ -26,9 +26,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 from bench_ssl import SMALL_ORGANS  # noqa: E402
 
-ROWS = ("supervised", "supervised_la", "fixmatch", "fixmatch_la", "fixmatch_balanced", "fixmatch_classthr",
-        "fixmatch_soft", "fixmatch_la_soft", "fixmatch_rare", "debiaspl", "debiaspl_la", "debiaspl_balanced", "debiaspl_classthr",
-        "debiaspl_soft", "debiaspl_la_soft", "debiaspl_rare", "dhc", "cld", "ga")
+ROWS = ("supervised", "supervised_la",
+        "fixmatch", "fixmatch_la", "fixmatch_balanced", "fixmatch_classthr", "fixmatch_soft",
+        "fixmatch_la_soft", "fixmatch_rare",
+        "debiaspl", "debiaspl_la", "debiaspl_balanced", "debiaspl_classthr", "debiaspl_soft",
+        "debiaspl_la_soft", "debiaspl_rare",
+        "dhc", "cld", "ga")
 
 
 def base_of(row: str) -> str:
