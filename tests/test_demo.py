@@ -56,3 +56,19 @@ def test_every_benchmark_row_builds_its_method(row, tmp_path):
         assert str(cfg[section][name]).lower() == value.lower() or float(cfg[section][name]) == float(value)
     net = torch.nn.Conv3d(1, 14, 1)
     get_method(method)(net, cfg, num_classes=14)
+
+
+@pytest.mark.parametrize("argv, steps", [([], 800), (["--quick"], None), (["--steps", "1600"], 1600)])
+def test_demo_trains_half_the_benchmark_schedule_unless_told(argv, steps, tmp_path, monkeypatch):
+    # the config carries the converged 1600 steps (the benchmark's); the demo verb runs 800
+    # to keep within its time target, --quick its own 40 (steps=None -> the quick size)
+    import medseg_dpl.demo as demo
+    from medseg_dpl.config import load_config
+    from medseg_dpl.engine.defaults import SEG_DEFAULTS
+
+    seen = {}
+    monkeypatch.setattr(demo, "run_demo", lambda out, **kw: seen.update(kw))
+    assert main(["demo", "--out", str(tmp_path), *argv]) == 0
+    assert seen["steps"] == steps
+    cfg = load_config(demo.CONFIG_DIR / "phantom.yaml", [], SEG_DEFAULTS)
+    assert cfg["train"]["steps"] == 2 * demo.DEMO_STEPS and cfg["train"]["val_every"] == 400
