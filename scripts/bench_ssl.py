@@ -193,8 +193,8 @@ def main() -> None:
     ap.add_argument("--data", default=None, help="an existing PREP_DIR instead of the phantom")
     ap.add_argument("--config", default=None, help="base config (default: configs/phantom.yaml)")
     ap.add_argument("--cases", type=int, default=None, help="phantom cases (default: the demo's)")
-    ap.add_argument("--steps", type=int, default=None, help="training steps, eval every quarter (default: the "
-                    "config's train.steps / train.val_every)")
+    ap.add_argument("--steps", type=int, default=None, help="training steps, eval every quarter "
+                    "(default: the config's train.steps / train.val_every)")
     ap.add_argument("--quick", action="store_true", help="the demo's quick sizes (a smoke test)")
     ap.add_argument("--keep-done", action="store_true",
                     help="keep runs that already have eval/summary.json (continue an interrupted run)")
