@@ -97,17 +97,19 @@ def summary_table(rows, methods) -> str:
 
 
 def paired_table(rows, methods) -> str:
-    """Per-seed differences (Dice points) of each method against fixmatch and supervised."""
-    refs = [r for r in ("fixmatch", "supervised") if r in methods]
+    """Per-seed differences (Dice points) of each method against fixmatch, supervised and
+    debiaspl (the last for #18's "DebiasPL ≥ every peer"; a pair already listed the other way
+    round is not repeated)."""
+    refs = [r for r in ("fixmatch", "supervised", "debiaspl") if r in methods]
     if not refs:
         return ""
     seeds = sorted({r["seed"] for r in rows})
     head = ["method", "vs"] + [f"seed {s}" for s in seeds] + ["mean", "wins"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for ref in refs:
+    for i, ref in enumerate(refs):
         base = _per_seed_mean(rows, ref)
         for m in methods:
-            if m == ref:
+            if m == ref or m in refs[:i]:
                 continue
             mine = _per_seed_mean(rows, m)
             d = [100 * (mine[s] - base[s]) if s in mine and s in base else float("nan") for s in seeds]

@@ -37,3 +37,17 @@ def test_jobs_record_and_report_only(tmp_path):
     again = list(csv.DictReader(open(record / "20p" / "results.csv")))
     assert again == rows
     assert "| supervised |" in (record / "bench_ssl.md").read_text(encoding="utf-8")
+
+
+def test_paired_table_lists_each_pair_once_with_debiaspl_as_a_reference():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench_ssl import paired_table
+
+    dice = {("fixmatch", 0): 0.40, ("fixmatch", 1): 0.50, ("debiaspl", 0): 0.45, ("debiaspl", 1): 0.48,
+            ("dhc", 0): 0.42, ("dhc", 1): 0.49}
+    rows = [{"method": m, "seed": s, "organ": o, "dice": d} for (m, s), d in dice.items() for o in ("liver", "spleen")]
+    table = paired_table(rows, ["fixmatch", "debiaspl", "dhc"])
+    lines = [ln for ln in table.splitlines() if ln.startswith("| ") and "method" not in ln]
+    pairs = [tuple(c.strip() for c in ln.split("|")[1:3]) for ln in lines]
+    assert pairs == [("debiaspl", "fixmatch"), ("dhc", "fixmatch"), ("dhc", "debiaspl")]
+    assert lines[2].split("|")[3:7] == [" -3.0 ", " +1.0 ", " -1.0 ", " 1/2 "]
